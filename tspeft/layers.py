@@ -1,0 +1,139 @@
+"""One table from adapter layer types to the function that computes their gated output.
+
+Each entry takes ``(layer, x, base, gate)`` — the layer, its input, the frozen output ``base = W0 x + b``
+and the keyword arguments of the gate (threshold, lam, real tokens, statistics) — and returns the gated
+output. LoRA, AdaLoRA and the parallel adapter are low rank and run in rank space
+(:func:`tspeft.lowrank.low_rank_gate`); DoRA rescales columns and has its own fused gate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.adalora.layer import SVDLinear
+from peft.tuners.lora.layer import Linear as LoraLinear
+from torch import nn
+
+from .adapter import ParallelAdapter
+from .lowrank import dora_gate, dora_weight_norm, low_rank_gate
+
+GatedForward = Callable[[nn.Module, torch.Tensor, torch.Tensor, dict[str, Any]], torch.Tensor]
+
+
+def _active(layer: nn.Module) -> str:
+    names = layer.active_adapters
+    if len(names) != 1:
+        raise RuntimeError(
+            f"token selection needs exactly one active adapter, {type(layer).__name__} has {list(names)}; "
+            "call model.set_adapter(name) with a single adapter"
+        )
+    return names[0]
+
+
+def _dropped(dropout: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Return (dropout(x), whether dropout actually changed x)."""
+    if isinstance(dropout, nn.Identity) or not dropout.training or getattr(dropout, "p", 0.0) == 0.0:
+        return x, False
+    return dropout(x), True
+
+
+def _bias(layer: nn.Module) -> torch.Tensor | None:
+    return getattr(layer.get_base_layer(), "bias", None)
+
+
+def lora_forward(layer: LoraLinear, x: torch.Tensor, base: torch.Tensor, gate: dict[str, Any]) -> torch.Tensor:
+    """Return the gated output of a peft LoRA (or DoRA, if the adapter uses it) Linear layer."""
+    name = _active(layer)
+    A, B = layer.lora_A[name].weight, layer.lora_B[name].weight  # (r, d_in), (d_out, r)
+    scale = layer.scaling[name]
+    x = x.to(base.dtype)
+    xd, dropped = _dropped(layer.lora_dropout[name], x)
+    z = F.linear(xd, A.to(xd.dtype))  # (..., r)
+    if not layer.use_dora.get(name, False):
+        return low_rank_gate(base, z, B, scale, bias=_bias(layer), **gate)
+    weight = layer.get_base_layer().weight
+    weight_norm = dora_weight_norm(weight, _weight_sq(layer, weight), A, B, scale).to(base.dtype)
+    base_drop = F.linear(xd, weight.to(xd.dtype)) if dropped else None
+    magnitude = layer.lora_magnitude_vector[name].weight
+    return dora_gate(base, base_drop, z, B, magnitude, weight_norm, scale, bias=_bias(layer), **gate)
+
+
+def _weight_sq(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """Return ||w_j||^2 per output row, cached: W0 is frozen (recomputed if it is ever changed)."""
+    key = (weight.data_ptr(), weight._version, weight.device, weight.dtype)
+    cached = getattr(layer, "_ts_weight_sq", None)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            sq = torch.linalg.vector_norm(weight, dim=1, dtype=torch.float32).square()
+        cached = (key, sq)
+        layer._ts_weight_sq = cached
+    return cached[1]
+
+
+def adalora_forward(layer: SVDLinear, x: torch.Tensor, base: torch.Tensor, gate: dict[str, Any]) -> torch.Tensor:
+    """Return the gated output of a peft AdaLoRA SVDLinear layer: A' = E * A, c = scaling / ranknum."""
+    name = _active(layer)
+    A, E, B = layer.lora_A[name], layer.lora_E[name], layer.lora_B[name]  # (r, d_in), (r, 1), (d_out, r)
+    scale = layer.scaling[name] / (layer.ranknum[name] + 1e-5)
+    x = x.to(base.dtype)
+    xd, _ = _dropped(layer.lora_dropout[name], x)
+    z = F.linear(xd, (A * E).to(xd.dtype))
+    return low_rank_gate(base, z, B, scale, bias=_bias(layer), **gate)
+
+
+def adapter_forward(layer: ParallelAdapter, x: torch.Tensor, base: torch.Tensor, gate: dict[str, Any]) -> torch.Tensor:
+    """Return the gated output of a parallel adapter: delta = scale * up(act(down(dropout(x))))."""
+    z = layer.hidden_states(x.to(base.dtype))
+    return low_rank_gate(base, z, layer.adapter_up.weight, layer.scale, bias=layer.base_layer.bias, **gate)
+
+
+UPDATES: dict[type, GatedForward] = {
+    LoraLinear: lora_forward,
+    SVDLinear: adalora_forward,
+    ParallelAdapter: adapter_forward,
+}
+"""The table: exact adapter layer type -> gated forward."""
+
+SUPPORTED = "peft LoRA/DoRA on nn.Linear (lora.Linear), peft AdaLoRA (adalora.SVDLinear), tspeft.ParallelAdapter"
+
+
+def gated_forward_for(layer: nn.Module) -> GatedForward | None:
+    """Return the gated forward for `layer`'s type (looked up along its MRO), or None."""
+    for cls in type(layer).__mro__:
+        if cls in UPDATES:
+            return UPDATES[cls]
+    return None
+
+
+def unsupported_reason(layer: nn.Module) -> str | None:
+    """Return why a supported layer type still cannot be gated (e.g. Conv1D weights), or None."""
+    if getattr(layer, "fan_in_fan_out", False):
+        return "fan_in_fan_out=True (GPT-2 Conv1D weights) is not supported"
+    base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else getattr(layer, "base_layer", None)
+    if base is not None and not isinstance(base, nn.Linear):
+        return f"its base layer is {type(base).__name__}, not nn.Linear"
+    if isinstance(layer, LoraLinear):
+        name = layer.active_adapters[0] if layer.active_adapters else None
+        if name is not None and getattr(layer, "lora_bias", {}).get(name, False):
+            return "lora_bias=True is not supported"
+        if name is not None and name in getattr(layer, "lora_variant", {}) and not layer.use_dora.get(name, False):
+            return f"LoRA variant {type(layer.lora_variant[name]).__name__} is not supported"
+    return None
+
+
+def layer_rank(layer: nn.Module) -> int:
+    """Return the current rank of an adapter layer (AdaLoRA: the count of unpruned singular values)."""
+    if isinstance(layer, ParallelAdapter):
+        return layer.hidden
+    name = layer.active_adapters[0]
+    if isinstance(layer, SVDLinear):
+        return int((layer.lora_E[name] != 0).sum().item())
+    return int(layer.r[name])
+
+
+def adapter_param_count(layer: nn.Module) -> int:
+    """Return the trainable parameter count of an adapter layer, threshold excluded."""
+    return sum(p.numel() for n, p in layer.named_parameters() if p.requires_grad and not n.endswith("ts_threshold"))

@@ -1,0 +1,262 @@
+"""Turning token selection on: `enable` converts a peft model's adapter layers into gated ones.
+
+Each gated layer gets a threshold parameter ``ts_threshold`` (shape (1,), fp32, tau_0 = 0) and a
+statistics buffer; its class is swapped for a subclass whose forward gates the update (the layer stays
+an instance of its peft class, so peft's save, load, and adapter switching still see it). The model gets
+a forward pre-hook that hands the 2-D ``attention_mask`` to the gates, so that padding counts neither in
+the threshold's gradient nor in sparsity.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import TSConfig
+from .layers import SUPPORTED, gated_forward_for, unsupported_reason
+
+THRESHOLD = "ts_threshold"
+STATS = "ts_stats"
+
+
+class TSController:
+    """Model-wide state shared by the gates: config, the current token mask, loss scale, optimizer."""
+
+    def __init__(self, config: TSConfig) -> None:
+        self.config = config
+        self.token_mask: torch.Tensor | None = None  # (batch, seq) bool of the current forward, or None
+        self.grad_scaler: Any = None  # a torch.amp.GradScaler whose scale multiplies lambda's term
+        self.optimizer_ref: weakref.ref | None = None
+        self.pending_optimizer_state: dict[str, dict[str, torch.Tensor]] = {}
+        self.hook_handle: Any = None
+
+    def lam_factor(self) -> float | torch.Tensor:
+        """Return the factor for lambda's term of g_k: the loss scale times the data-parallel world size.
+
+        The loss part of g_k comes from backpropagated gradients, which a loss scaler has multiplied and
+        DDP averages across ranks; lambda's part is a count, so it is scaled alike here.
+        """
+        factor: float | torch.Tensor = 1.0
+        scaler = self.grad_scaler
+        if scaler is not None and scaler.is_enabled() and getattr(scaler, "_scale", None) is not None:
+            factor = scaler._scale.reshape(())
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            factor = factor * torch.distributed.get_world_size()
+        return factor
+
+    def real_tokens(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Return (N,) bool real-token flags for a layer input x (..., d), or None if every position counts.
+
+        The captured mask (batch, seq) applies when x is that token sequence, i.e. x.shape[:-1] ==
+        (batch, seq) (or flattens to it). Other inputs — BERT's pooler (one vector per sequence), a vision
+        tower's patches, cross-attention over another sequence — count every position as real.
+        """
+        mask = self.token_mask
+        if mask is None or x.dim() < 3 or x.shape[-2] != mask.shape[-1]:
+            return None
+        if x[..., 0].numel() != mask.numel():
+            return None
+        return mask.reshape(-1)
+
+
+class GatedLayer:
+    """Mixin put in front of an adapter layer's class: its forward gates the update per token."""
+
+    _ts_ctrl: TSController
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if kwargs.get("adapter_names") is not None:
+            raise RuntimeError("mixed-adapter batches (adapter_names=...) are not supported with token selection")
+        if getattr(self, "disable_adapters", False) or getattr(self, "merged", False):
+            return super().forward(x, *args, **kwargs)
+        ctrl = self._ts_ctrl
+        base = self.get_base_layer()(x, *args, **kwargs) if hasattr(self, "get_base_layer") else self.base_layer(x)
+        gate = {
+            "threshold": getattr(self, THRESHOLD),
+            "lam": ctrl.config.lam,
+            "real": ctrl.real_tokens(x),
+            "stats": getattr(self, STATS),
+            "lam_factor": ctrl.lam_factor,
+        }
+        return type(self)._ts_update(self, x, base, gate)
+
+    def merge(self, *args: Any, **kwargs: Any) -> None:
+        tau = float(getattr(self, THRESHOLD).detach().max())
+        if tau > 0:
+            raise RuntimeError(
+                f"cannot merge a token-selective adapter with threshold {tau:.4g} > 0: merged weights would "
+                "apply the update to every token. Keep the adapter unmerged (the gate stays on at inference)."
+            )
+        return super().merge(*args, **kwargs)
+
+
+_GATED_CLASSES: dict[type, type] = {}
+
+
+def _gated_class(cls: type, update) -> type:
+    if cls not in _GATED_CLASSES:
+        _GATED_CLASSES[cls] = type(f"TS{cls.__name__}", (GatedLayer, cls), {"_ts_update": staticmethod(update)})
+    return _GATED_CLASSES[cls]
+
+
+def _is_adapter_layer(module: nn.Module) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from .adapter import ParallelAdapter
+
+    return isinstance(module, (BaseTunerLayer, ParallelAdapter))
+
+
+def _matches(name: str, targets: list[str] | None) -> bool:
+    return targets is None or any(name == t or name.endswith("." + t) for t in targets)
+
+
+def controller(model: nn.Module) -> TSController:
+    """Return the model's TSController; raise if token selection is not enabled."""
+    ctrl = getattr(model, "_tspeft", None)
+    if ctrl is None:
+        raise RuntimeError("token selection is not enabled on this model; call tspeft.enable(model, TSConfig(...))")
+    return ctrl
+
+
+def gated_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Return the model's gated layers by module name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, GatedLayer)}
+
+
+def is_enabled(model: nn.Module) -> bool:
+    """Return True if token selection is on for `model`."""
+    return getattr(model, "_tspeft", None) is not None
+
+
+def _check_active_adapters(model: nn.Module) -> None:
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        return
+    active = model.active_adapters
+    if not isinstance(active, str) and len(active) != 1:
+        raise ValueError(
+            f"token selection needs exactly one active adapter, the model has {list(active)}; "
+            "call model.set_adapter(name) first"
+        )
+
+
+def enable(model: nn.Module, config: TSConfig | None = None) -> nn.Module:
+    """Return `model` with every targeted adapter layer gated per token (thresholds start at tau_0).
+
+    model: a peft model (LoRA, DoRA, AdaLoRA) or a model with tspeft parallel adapters.
+    """
+    config = TSConfig() if config is None else config
+    if not isinstance(config, TSConfig):
+        raise TypeError(f"config must be a tspeft.TSConfig, got {type(config).__name__}")
+    if is_enabled(model):
+        raise RuntimeError("token selection is already enabled on this model; call tspeft.disable(model) first")
+    _check_active_adapters(model)
+    candidates = {n: m for n, m in model.named_modules() if _is_adapter_layer(m) and _matches(n, config.target_modules)}
+    problems = []
+    for name, mod in candidates.items():
+        if gated_forward_for(mod) is None:
+            problems.append(f"{name}: {type(mod).__module__}.{type(mod).__name__}")
+        elif (why := unsupported_reason(mod)) is not None:
+            problems.append(f"{name}: {why}")
+    if problems:
+        raise TypeError(
+            "tspeft cannot gate these adapter layers:\n  " + "\n  ".join(problems[:20])
+            + f"\nSupported: {SUPPORTED}. Restrict TSConfig.target_modules to supported layers."
+        )
+    if not candidates:
+        raise ValueError(
+            "no adapter layer to gate: build the model with peft.get_peft_model (LoRA, DoRA, AdaLoRA) or "
+            "tspeft.add_parallel_adapter first"
+            + (f"; TSConfig.target_modules={config.target_modules} matched nothing" if config.target_modules else "")
+        )
+    ctrl = TSController(config)
+    for mod in candidates.values():
+        update = gated_forward_for(mod)
+        device = next(mod.parameters()).device
+        mod.register_parameter(
+            THRESHOLD, nn.Parameter(torch.full((1,), config.init_threshold, device=device, dtype=torch.float32))
+        )
+        mod.register_buffer(STATS, torch.zeros(4, device=device, dtype=torch.float64), persistent=False)
+        mod.__class__ = _gated_class(type(mod), update)
+        mod._ts_ctrl = ctrl
+    model._tspeft = ctrl
+    ctrl.hook_handle = model.register_forward_pre_hook(_capture_attention_mask(model), with_kwargs=True)
+    _wrap_save(model)
+    return model
+
+
+def disable(model: nn.Module) -> nn.Module:
+    """Return `model` with the gates removed (thresholds dropped): the dense adapter again."""
+    ctrl = controller(model)
+    for mod in gated_modules(model).values():
+        mod.__class__ = next(c for c in type(mod).__mro__[1:] if c is not GatedLayer and not issubclass(c, GatedLayer))
+        del mod._parameters[THRESHOLD]
+        del mod._buffers[STATS]
+        del mod._ts_ctrl
+    if ctrl.hook_handle is not None:
+        ctrl.hook_handle.remove()
+    cls = type(model)
+    if getattr(cls, "_ts_wrapped", False):
+        model.__class__ = cls.__mro__[1]
+    del model._tspeft
+    return model
+
+
+def _capture_attention_mask(model: nn.Module):
+    """Return a forward pre-hook that stores the call's 2-D attention mask on the controller."""
+    try:
+        params = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        params = []
+    position = params.index("attention_mask") if "attention_mask" in params else None
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask")
+        if mask is None and position is not None and len(args) > position:
+            mask = args[position]
+        module._tspeft.token_mask = _as_token_mask(mask)
+
+    return hook
+
+
+def _as_token_mask(mask: Any) -> torch.Tensor | None:
+    """Return a padding mask as bool (batch, seq) [or (batch, choices, seq)], or raise naming the fix."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be a tensor, got {type(mask).__name__}")
+    if mask.dim() not in (2, 3):
+        raise ValueError(
+            f"tspeft needs a padding mask of shape (batch, seq_len) with 1 for real tokens and 0 for padding; "
+            f"got attention_mask of shape {tuple(mask.shape)}. Pass the tokenizer's 2-D attention_mask "
+            "(4-D additive masks cannot tell padding apart)."
+        )
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+_SAVE_CLASSES: dict[type, type] = {}
+
+
+def _wrap_save(model: nn.Module) -> None:
+    """Swap a PeftModel's class for one whose save_pretrained also writes the TS state."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        return
+    cls = type(model)
+    if cls not in _SAVE_CLASSES:
+
+        def save_pretrained(self, save_directory, *args, **kwargs):
+            from .io import save_ts_state
+
+            cls.save_pretrained(self, save_directory, *args, **kwargs)
+            save_ts_state(self, save_directory)
+
+        _SAVE_CLASSES[cls] = type(f"TS{cls.__name__}", (cls,), {"save_pretrained": save_pretrained, "_ts_wrapped": True})
+    model.__class__ = _SAVE_CLASSES[cls]

@@ -1,0 +1,70 @@
+"""Statistics of the gates: sparsity (Eq. 21), thresholds, and the norm statistics of Table 4."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .layers import adapter_param_count, layer_rank
+from .model import STATS, THRESHOLD, gated_modules
+
+
+def _collect(model: nn.Module) -> tuple[list[str], list[nn.Module], torch.Tensor]:
+    mods = gated_modules(model)
+    if not mods:
+        raise RuntimeError("token selection is not enabled on this model; call tspeft.enable(model, TSConfig(...))")
+    names = list(mods)
+    # one device-to-host copy for all modules: [active, real, sum ratio, sum ||delta||] per row
+    table = torch.stack([getattr(m, STATS).to("cpu", torch.float64) for m in mods.values()])
+    return names, list(mods.values()), table
+
+
+def _ratio(num: float, den: float) -> float:
+    return num / den if den > 0 else math.nan
+
+
+def reset_stats(model: nn.Module) -> None:
+    """Zero every gate's token counts (call before measuring sparsity on a set of batches)."""
+    for m in gated_modules(model).values():
+        getattr(m, STATS).zero_()
+
+
+def sparsity(model: nn.Module) -> dict[str, float]:
+    """Return {module: 1 - active / real tokens} since the last reset_stats (Eq. 21); nan if no token seen."""
+    names, _, t = _collect(model)
+    return {n: 1.0 - _ratio(row[0].item(), row[1].item()) for n, row in zip(names, t)}
+
+
+def overall_sparsity(model: nn.Module) -> float:
+    """Return 1 - all active / all real tokens over every gated module since the last reset_stats."""
+    _, _, t = _collect(model)
+    return 1.0 - _ratio(t[:, 0].sum().item(), t[:, 1].sum().item())
+
+
+def thresholds(model: nn.Module) -> dict[str, float]:
+    """Return {module: threshold tau}."""
+    return {n: float(getattr(m, THRESHOLD).detach().float().cpu()) for n, m in gated_modules(model).items()}
+
+
+def module_stats(model: nn.Module) -> dict[str, dict[str, float | int | None]]:
+    """Return per module: sparsity, threshold, mean ratio ||M(x)||/||W0 x|| (norm_relative), mean ||M(x)||
+    (norm_abs), active and real token counts, current rank and trainable parameter count."""
+    names, mods, t = _collect(model)
+    taus = thresholds(model)
+    out: dict[str, dict[str, float | int | None]] = {}
+    for name, mod, row in zip(names, mods, t):
+        active, real, sum_ratio, sum_norm = (v.item() for v in row)
+        rank = layer_rank(mod)
+        out[name] = {
+            "sparsity": None if rank == 0 or real == 0 else 1.0 - active / real,
+            "threshold": taus[name],
+            "ratio_mean": _ratio(sum_ratio, real) if real else None,
+            "delta_norm_mean": _ratio(sum_norm, real) if real else None,
+            "active": int(active),
+            "tokens": int(real),
+            "rank": rank,
+            "params": adapter_param_count(mod),
+        }
+    return out
