@@ -67,7 +67,7 @@ def _weight_sq(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
     cached = getattr(layer, "_ts_weight_sq", None)
     if cached is None or cached[0] != key:
         with torch.no_grad():
-            sq = torch.linalg.vector_norm(weight, dim=1, dtype=torch.float32).square()
+            sq = torch.linalg.vector_norm(weight, dim=1, dtype=torch.promote_types(weight.dtype, torch.float32)).square()
         cached = (key, sq)
         layer._ts_weight_sq = cached
     return cached[1]

@@ -61,15 +61,20 @@ class LowRankGate(torch.autograd.Function):
         g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, d_out)
         acc = acc_dtype(g.dtype)
         gB = g @ B.to(g.dtype)  # (N, r): B^T g_i, needed by LoRA's backward anyway
-        grad_z = grad_B = grad_tau = None
+        grad_z = grad_B = grad_tau = grad_scale = None
         if ctx.needs_input_grad[1]:
             grad_z = (gB * w.unsqueeze(-1).to(gB.dtype)).view(ctx.z_shape)
         if ctx.needs_input_grad[2]:
             grad_B = (g.t() @ (z2.to(g.dtype) * w.unsqueeze(-1).to(g.dtype))).to(B.dtype)
-        if ctx.needs_input_grad[5]:
-            mu = (gB.to(acc) * z2.to(acc)).sum(-1) * ctx.c  # Eq. 9 in rank space, (N,)
-            grad_tau = threshold_grad(mu, mask, real, ctx.lam, ctx.lam_factor).reshape(1).to(ctx.tau_dtype)
-        return grad_out, grad_z, grad_B, None, None, grad_tau, None, None, None, None
+        if ctx.needs_input_grad[5] or ctx.needs_input_grad[3]:
+            gz = (gB.to(acc) * z2.to(acc)).sum(-1)  # <B^T g_i, z_i>, (N,)
+            if ctx.needs_input_grad[5]:
+                mu = gz * ctx.c  # Eq. 9 in rank space
+                grad_tau = threshold_grad(mu, mask, real, ctx.lam, ctx.lam_factor).reshape(1).to(ctx.tau_dtype)
+            if ctx.needs_input_grad[3]:  # a tensor scale (AdaLoRA's scaling / ranknum) in the graph
+                scale = ctx.saved_tensors[5]
+                grad_scale = torch.where(mask, gz, torch.zeros_like(gz)).sum().reshape(scale.shape).to(scale.dtype)
+        return grad_out, grad_z, grad_B, grad_scale, None, grad_tau, None, None, None, None
 
 
 def low_rank_gate(

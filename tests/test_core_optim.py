@@ -1,0 +1,150 @@
+"""The threshold rule (Eq. 16-20) against a hand loop, clipping, non-finite g_k, save/load round trips."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import batch, tiny_bert, tiny_llama, with_adapter
+
+import tspeft
+
+
+def _hand_adam(gs, multipliers, s, b1=0.9, b2=0.98, eps=1e-8):
+    """Eq. 16-20 written out: tau <- tau + alpha_k s mhat / (sqrt(vhat) + eps)."""
+    tau, m, v, out = 0.0, 0.0, 0.0, []
+    for k, (g, alpha) in enumerate(zip(gs, multipliers), start=1):
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        mhat, vhat = m / (1 - b1**k), v / (1 - b2**k)
+        tau = tau + alpha * s * mhat / (math.sqrt(vhat) + eps)
+        out.append(tau)
+    return out
+
+
+@pytest.mark.parametrize("rule", ["adam", "plain"])
+def test_threshold_rule_matches_hand_loop_with_schedule(rule):
+    model = tspeft.enable(with_adapter(tiny_llama(), "llama", "lora"), tspeft.TSConfig(s=1e-2, rule=rule))
+    opt = tspeft.optimizer(model, lr=1e-3)
+    multipliers = [0.25, 0.5, 0.75, 1.0, 0.8, 0.6, 0.4, 0.2]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: multipliers[min(step, len(multipliers) - 1)])
+    gs = [3.0, -1.0, 0.5, 2.0, -4.0, 0.1, 0.0, 1.5]
+    taus = tspeft.threshold_parameters(model)
+    name, tau = next(iter(taus.items()))
+    seen = []
+    for g in gs:
+        for p in taus.values():
+            p.grad = torch.tensor([-g])  # the gate hands the optimizer -g_k
+        opt.step()
+        sched.step()
+        seen.append(tau.item())
+    if rule == "adam":
+        expected = _hand_adam(gs, multipliers, 1e-2)
+    else:  # Appendix A.2: tau <- tau + alpha_k s g_k
+        expected = list(torch.tensor([m * 1e-2 * g for g, m in zip(gs, multipliers)], dtype=torch.float64).cumsum(0))
+    for a, b in zip(seen, expected):
+        assert abs(a - float(b)) < 1e-6
+
+
+def test_gate_plus_optimizer_match_an_independent_implementation():
+    """Eq. 2, 3, 9, 15 and 16-20 written from scratch for one linear LoRA layer, against tspeft, to 1e-6."""
+    torch.manual_seed(0)
+    model = with_adapter(tiny_llama(dtype=torch.float64), "llama", "lora")
+    tspeft.enable(model, tspeft.TSConfig(lam=1e-2, s=1e-2))
+    opt = tspeft.optimizer(model, lr=1e-9)  # adapters barely move: isolate the thresholds
+    name, layer = next(iter(tspeft.gated_modules(model).items()))
+    A, B, c = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach(), layer.scaling["default"]
+    W = layer.get_base_layer().weight.detach()
+    tau, m, v = 0.0, 0.0, 0.0
+    for k in range(1, 6):
+        x = torch.randn(2, 6, W.shape[1], dtype=torch.float64)
+        g = torch.randn(2, 6, W.shape[0], dtype=torch.float64)
+        opt.zero_grad()
+        layer(x).backward(g)
+        opt.step()
+        base, delta = x @ W.t(), c * (x @ A.t()) @ B.t()
+        mask = delta.norm(dim=-1) >= tau * base.norm(dim=-1)
+        mu = (g * delta).sum(-1)
+        g_k = float((((mu >= 0) == mask) * mu).sum() + 1e-2 * mask.sum())
+        m, v = 0.9 * m + 0.1 * g_k, 0.98 * v + 0.02 * g_k**2
+        tau += 1e-2 * (m / (1 - 0.9**k)) / (math.sqrt(v / (1 - 0.98**k)) + 1e-8)
+        assert abs(layer.ts_threshold.item() - tau) < 1e-6
+
+
+def test_clip_leaves_thresholds_out_and_follow_schedule_off():
+    model = tspeft.enable(with_adapter(tiny_bert(), "bert", "lora"), tspeft.TSConfig(follow_schedule=False, s=1e-2))
+    model(**batch("bert")).loss.backward()
+    taus = tspeft.threshold_parameters(model)
+    before = {n: p.grad.clone() for n, p in taus.items()}
+    norm = tspeft.clip_grad_norm_(model, 1e-6)
+    assert norm > 0
+    for n, p in taus.items():
+        assert torch.equal(p.grad, before[n])
+    assert all(torch.linalg.vector_norm(p.grad) <= 1e-5 for p in tspeft.adapter_parameters(model) if p.grad is not None)
+    opt = tspeft.optimizer(model, lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.0)  # adapters frozen by the schedule
+    tau = next(iter(taus.values()))
+    tau.grad = torch.tensor([-1.0])
+    opt.step()
+    sched.step()
+    assert abs(tau.item() - 1e-2) < 1e-7  # lr stays s whatever the schedule
+
+
+def test_nonfinite_g_k_skips_the_threshold_update_with_a_warning():
+    model = tspeft.enable(with_adapter(tiny_llama(), "llama", "lora"), tspeft.TSConfig(s=1e-2))
+    opt = tspeft.optimizer(model, lr=1e-3)
+    taus = list(tspeft.threshold_parameters(model).values())
+    for p in taus:
+        p.grad = torch.tensor([-1.0])
+    taus[0].grad = torch.tensor([float("nan")])
+    with pytest.warns(RuntimeWarning, match="non-finite threshold gradient"):
+        opt.step()
+    assert taus[0].item() == 0.0 and "exp_avg" not in opt.state.get(taus[0], {})
+    assert taus[1].item() > 0.0
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "adalora", "adapter"])
+def test_save_load_round_trip_is_bit_identical(tmp_path, method):
+    model = tspeft.enable(with_adapter(tiny_bert(), "bert", method, random_b=False), tspeft.TSConfig(lam=1e-2, s=5e-2))
+    opt = tspeft.optimizer(model, lr=1e-2)
+    data = batch("bert")
+    for _ in range(3):
+        model(**data).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    data = {k: v for k, v in data.items() if k != "labels"}  # peft's AdaLoRA needs a trainable adapter for a loss
+    with torch.no_grad():
+        expected = model(**data).logits
+    tspeft.save_pretrained(model, tmp_path)
+    assert tspeft.is_token_selective(tmp_path)
+    loaded = tspeft.from_pretrained(tiny_bert(), tmp_path)
+    with torch.no_grad():
+        got = loaded(**data).logits
+    assert torch.equal(got, expected)
+    assert tspeft.thresholds(loaded) == tspeft.thresholds(model)
+    assert tspeft.controller(loaded).config == tspeft.controller(model).config
+    # the threshold rule's state comes back with the next optimizer
+    trainable = tspeft.from_pretrained(tiny_bert(), tmp_path, is_trainable=True)
+    opt2 = tspeft.optimizer(trainable, lr=1e-2)
+    for (_, p1), (_, p2) in zip(tspeft.threshold_parameters(model).items(), tspeft.threshold_parameters(trainable).items()):
+        assert torch.equal(opt.state[p1]["exp_avg"], opt2.state[p2]["exp_avg"])
+        assert float(opt.state[p1]["step"]) == float(opt2.state[p2]["step"]) == 3.0
+
+
+def test_corrupt_or_nan_state_is_refused(tmp_path):
+    model = tspeft.enable(with_adapter(tiny_bert(), "bert", "lora"), tspeft.TSConfig())
+    model.save_pretrained(tmp_path)
+    state = tmp_path / "tspeft_state.safetensors"
+    data = state.read_bytes()
+    state.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        tspeft.from_pretrained(tiny_bert(), tmp_path)
+    with torch.no_grad():
+        next(iter(tspeft.threshold_parameters(model).values())).fill_(float("nan"))
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="non-finite thresholds"):
+        tspeft.from_pretrained(tiny_bert(), tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a token-selective adapter"):
+        tspeft.from_pretrained(tiny_bert(), tmp_path / "nothing")

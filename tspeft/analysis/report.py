@@ -1,0 +1,181 @@
+"""One self-contained report (HTML with embedded PNGs, and a Markdown twin) over run and sweep directories."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import plots
+from .runs import PEFT_PREFIX, Run, load_run
+from .tables import Grid, compare_grid, sparsity_table, table4_grid
+
+TITLE = "TS-PEFT analysis report"
+CSS = """
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
+h1 { border-bottom: 2px solid #444; } h2 { margin-top: 2em; border-bottom: 1px solid #bbb; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.85em; }
+th, td { border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+thead th { background: #f0f0f0; } caption { font-weight: bold; text-align: left; padding: 0.3em 0; }
+img { max-width: 100%; display: block; margin: 1em 0; } .note { color: #555; font-size: 0.85em; margin: 0.2em 0; }
+"""
+CONFIG_KEYS = ("lam", "s", "rank", "target_modules", "lr", "epochs", "batch_size")
+
+
+@dataclass
+class Block:
+    """One piece of the report: a heading, a paragraph, a table or an image."""
+
+    kind: str  # "h1" | "h2" | "h3" | "p" | "grid" | "img"
+    text: str = ""
+    grid: Grid | None = None
+    image: Path | None = None
+
+
+def write_report(run_dirs: Iterable[str | Path], out_dir: str | Path, title: str = TITLE) -> Path:
+    """Returns the path of ``report.html`` written to ``out_dir`` (``report.md`` and its PNGs beside it)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runs, sweeps = _collect(run_dirs)
+    blocks = [Block("h1", title)]
+    if runs:
+        blocks += _overview(runs)
+    for i, run in enumerate(runs, start=1):
+        blocks += _run_section(run, out, f"run{i:02d}")
+    for i, (where, sweep) in enumerate(sweeps, start=1):
+        blocks += _sweep_section(where, sweep, out, f"sweep{i:02d}")
+    (out / "report.md").write_text(render_markdown(blocks))
+    path = out / "report.html"
+    path.write_text(render_html(blocks, title))
+    return path
+
+
+def render_html(blocks: list[Block], title: str = TITLE) -> str:
+    """Returns a standalone HTML page: inline CSS, images as base64 data URIs, no scripts."""
+    body = []
+    for b in blocks:
+        if b.kind == "grid" and b.grid is not None:
+            body.append(b.grid.to_html())
+        elif b.kind == "img" and b.image is not None:
+            data = base64.b64encode(b.image.read_bytes()).decode("ascii")
+            body.append(f'<img alt="{html.escape(b.text)}" src="data:image/png;base64,{data}">')
+        else:
+            body.append(f"<{b.kind}>{html.escape(b.text)}</{b.kind}>")
+    head = f'<meta charset="utf-8"><title>{html.escape(title)}</title><style>{CSS}</style>'
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head>{head}</head><body>\n'
+        + "\n".join(body)
+        + "\n</body></html>\n"
+    )
+
+
+def render_markdown(blocks: list[Block]) -> str:
+    """Returns the report as Markdown; images are linked by file name (they lie beside ``report.md``)."""
+    prefixes = {"h1": "# ", "h2": "## ", "h3": "### ", "p": ""}
+    parts = []
+    for b in blocks:
+        if b.kind == "grid" and b.grid is not None:
+            parts.append(b.grid.to_markdown())
+        elif b.kind == "img" and b.image is not None:
+            parts.append(f"![{b.text}]({b.image.name})")
+        else:
+            parts.append(prefixes[b.kind] + b.text)
+    return "\n\n".join(parts) + "\n"
+
+
+def _collect(run_dirs: Iterable[str | Path]) -> tuple[list[Run], list[tuple[Path, dict[str, Any]]]]:
+    runs: list[Run] = []
+    sweeps: list[tuple[Path, dict[str, Any]]] = []
+    for d in map(Path, run_dirs):
+        if not d.is_dir():
+            raise FileNotFoundError(
+                f"{d} is not a directory; pass run directories (with run.json) or their parent"
+            )
+        found = [d] if (d / "run.json").is_file() else sorted(p.parent for p in d.glob("*/run.json"))
+        runs += [load_run(p) for p in found]
+        if (d / "sweep.json").is_file():
+            sweeps.append((d, _read_sweep(d / "sweep.json")))
+        elif not found:
+            raise FileNotFoundError(
+                f"{d} holds no run.json, no */run.json and no sweep.json; is it a run directory?"
+            )
+    return runs, sweeps
+
+
+def _read_sweep(path: Path) -> dict[str, Any]:
+    try:
+        sweep = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); rewrite it from the sweep's results") from err
+    if not isinstance(sweep, dict) or not ({"table4", "figure2"} & set(sweep)):
+        raise ValueError(f"{path} must be an object with 'table4' and/or 'figure2' lists")
+    return sweep
+
+
+def _overview(runs: list[Run]) -> list[Block]:
+    rows = []
+    for run in runs:
+        sparsity = "" if run.sparsity is None else f"{100 * run.sparsity:.1f}"
+        rows.append([_dirname(run), run.task, str(run.meta["model"]), run.label, str(run.meta["seed"]),
+                     f"{run.meta['metric']} {run.score:.1f}", sparsity, str(run.meta.get("note", ""))])  # fmt: skip
+    header = ["Run", "Task", "Model", "Method", "Seed", "Score", "Sparsity (%)", "Data"]
+    blocks = [
+        Block("h2", "Runs"),
+        Block("grid", grid=Grid(header, rows, notes=["Sparsity: overall, on the test set."])),
+    ]
+    if any(n > 1 for n in Counter(r.task for r in runs).values()):
+        blocks += [Block("h2", "Comparison"), Block("grid", grid=compare_grid([r.record() for r in runs]))]
+    return blocks
+
+
+def _run_section(run: Run, out: Path, stem: str) -> list[Block]:
+    blocks = [Block("h2", f"{run.name} ({_dirname(run)})")]
+    sparsity = "–" if run.sparsity is None else f"{100 * run.sparsity:.1f}%"
+    summary = f"{run.meta['metric']}: {run.score:.2f} · token sparsity (test): {sparsity}"
+    blocks.append(Block("p", f"{summary} · {run.meta.get('note', '')}"))
+    config = run.config
+    settings = ", ".join(f"{k}={config[k]}" for k in CONFIG_KEYS if k in config)
+    if settings:
+        blocks.append(Block("p", f"Settings: {settings}"))
+    if any(m.sparsity is not None for m in run.modules.values()):
+        blocks += [Block("h3", "Module-wise sparsity"), Block("grid", grid=sparsity_table(run).grid())]
+        blocks.append(
+            Block("img", "sparsity heat map", image=plots.sparsity_heatmap(run, out / f"{stem}_heatmap.png"))
+        )
+    else:
+        blocks.append(Block("p", "Dense run: no token sparsity to tabulate."))
+    if any(r.get("loss") is not None for r in run.log):
+        image = plots.threshold_trajectories(run, out / f"{stem}_trajectories.png")
+        blocks += [
+            Block("h3", "Loss and thresholds"),
+            Block("img", "loss and threshold trajectories", image=image),
+        ]
+    else:
+        blocks.append(Block("p", "No log.jsonl records: no trajectories."))
+    if run.ratios and any(k in run.modules or PEFT_PREFIX + k in run.modules for k in run.ratios):
+        image = plots.ratio_distribution(run, out / f"{stem}_ratios.png")
+        blocks += [
+            Block("h3", "Token ratio distribution"),
+            Block("img", "token ratio histogram", image=image),
+        ]
+    return blocks
+
+
+def _sweep_section(where: Path, sweep: dict[str, Any], out: Path, stem: str) -> list[Block]:
+    blocks = [Block("h2", f"Module selection ({where.name})")]
+    if sweep.get("table4"):
+        blocks.append(Block("grid", grid=table4_grid(sweep["table4"])))
+    if sweep.get("figure2"):
+        image = plots.selection_curve(sweep["figure2"], out / f"{stem}_selection_curve.png")
+        blocks.append(Block("img", "score against the fraction of selected modules", image=image))
+    return blocks
+
+
+def _dirname(run: Run) -> str:
+    return run.path.name if run.path is not None else ""
