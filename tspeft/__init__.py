@@ -22,7 +22,7 @@ from .optim import (
     threshold_parameters,
     threshold_state,
 )
-from .stats import module_stats, overall_sparsity, reset_stats, sparsity, thresholds
+from .stats import collect_ratios, module_stats, overall_sparsity, reset_stats, sparsity, thresholds
 
 __version__ = "0.1.0"
 
@@ -33,6 +33,7 @@ __all__ = [
     "adapter_parameters",
     "add_parallel_adapter",
     "attach_grad_scaler",
+    "collect_ratios",
     "clip_grad_norm_",
     "controller",
     "disable",

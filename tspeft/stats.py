@@ -68,3 +68,47 @@ def module_stats(model: nn.Module) -> dict[str, dict[str, float | int | None]]:
             "params": adapter_param_count(mod),
         }
     return out
+
+
+@torch.no_grad()
+def collect_ratios(model: nn.Module, batches, max_per_module: int = 20000) -> dict[str, torch.Tensor]:
+    """Return per gated module the ratios ||M(x)|| / ||W0 x|| of the real tokens of `batches` (1-D fp32).
+
+    Thresholds are set to -inf for the pass (every update applied, so out - base is M(x)) and restored
+    after; statistics are saved and restored too, so this leaves the model as it was.
+    """
+    from .model import controller
+
+    ctrl = controller(model)
+    mods = gated_modules(model)
+    saved_tau = {n: getattr(m, THRESHOLD).detach().clone() for n, m in mods.items()}
+    saved_stats = {n: getattr(m, STATS).clone() for n, m in mods.items()}
+    found: dict[str, list[torch.Tensor]] = {n: [] for n in mods}
+    handles = []
+
+    def hook_for(name: str):
+        def hook(module, args, output):
+            x = args[0]
+            base_layer = module.get_base_layer() if hasattr(module, "get_base_layer") else module.base_layer
+            base = base_layer(x)
+            bias = getattr(base_layer, "bias", None)
+            delta = (output - base).reshape(-1, output.shape[-1]).float()
+            plain = (base if bias is None else base - bias).reshape(-1, output.shape[-1]).float()
+            ratio = delta.norm(dim=-1) / plain.norm(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
+            real = ctrl.real_tokens(x)
+            found[name].append((ratio if real is None else ratio[real]).cpu())
+        return hook
+
+    try:
+        for name, mod in mods.items():
+            getattr(mod, THRESHOLD).fill_(float("-inf"))
+            handles.append(mod.register_forward_hook(hook_for(name)))
+        for batch in batches:
+            model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+        for name, mod in mods.items():
+            getattr(mod, THRESHOLD).copy_(saved_tau[name])
+            getattr(mod, STATS).copy_(saved_stats[name])
+    return {n: torch.cat(v)[:max_per_module] if v else torch.zeros(0) for n, v in found.items()}

@@ -1,0 +1,147 @@
+"""Training on transformers.Trainer, the run directory, eval reproducibility, resume, the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+import tspeft
+from tspeft.cli import main
+from tspeft.models import resolve_model
+from tspeft.train import RunConfig, evaluate_saved, train
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random BERT with the bundled MiniLM tokenizer, saved as a local model folder."""
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tok = AutoTokenizer.from_pretrained(resolve_model("minilm").path)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=48, max_position_embeddings=128)
+    BertForSequenceClassification(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def _cfg(model_dir, out, **kw):
+    settings = dict(model=model_dir, task="sst2", max_train=48, max_test=24, epochs=2, batch_size=8,
+                    logging_steps=1, save_steps=2, lr=5e-3, lam=1e-3, s=2e-2, max_length=32,
+                    output_dir=str(out), eval_batch_size=16)
+    settings.update(kw)
+    return RunConfig(**settings)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "adalora", "adapter"])
+def test_train_writes_a_run_directory_and_eval_reproduces_it(tiny_model_dir, tmp_path, method, monkeypatch):
+    monkeypatch.setenv("TSPEFT_QUIET", "1")
+    calls = []
+    if method == "adalora":
+        from peft.tuners.adalora.model import AdaLoraModel
+
+        original = AdaLoraModel.update_and_allocate
+        monkeypatch.setattr(AdaLoraModel, "update_and_allocate", lambda self, step: calls.append(step) or original(self, step))
+    # AdaLoRA starts with E = 0 (no update at all): a slower threshold keeps its modules alive
+    record = train(_cfg(tiny_model_dir, tmp_path, method=method, s=1e-3 if method == "adalora" else 2e-2))
+    assert record["steps"] == 12 and record["metric"] == "accuracy" and 0 <= record["score"] <= 100
+    assert 0.0 < record["sparsity"] < 1.0
+    assert "seeded split" in record["note"]
+    lines = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert len(lines) == 12 and all(len(x["modules"]) == len(record["modules"]) for x in lines)
+    assert any(x["threshold_mean"] > 0 for x in lines)
+    if method == "adalora":
+        assert calls == list(range(12))  # once per optimizer step, with the step count before it
+    again = evaluate_saved(tmp_path)
+    assert again["score"] == record["score"] and again["sparsity"] == record["sparsity"]
+    assert (tmp_path / "ratios.npz").exists()
+
+
+def test_dense_run_has_no_sparsity(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("TSPEFT_QUIET", "1")
+    record = train(_cfg(tiny_model_dir, tmp_path, selective=False, epochs=1))
+    assert record["sparsity"] is None and record["label"] == "LoRA"
+    assert evaluate_saved(tmp_path)["score"] == record["score"]
+
+
+def test_resume_after_a_kill_ends_with_the_same_metrics(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("TSPEFT_QUIET", "1")
+    full = train(_cfg(tiny_model_dir, tmp_path / "full"))
+    cut = tmp_path / "cut"
+    train(_cfg(tiny_model_dir, cut))
+    # what a kill after step 10 leaves: checkpoint-10 whole, no later checkpoint, no result
+    shutil.rmtree(cut / "checkpoints" / "checkpoint-12")
+    (cut / "run.json").unlink()
+    lines = (cut / "log.jsonl").read_text().splitlines()[:10]
+    (cut / "log.jsonl").write_text("\n".join(lines) + "\n")
+    resumed = train(_cfg(tiny_model_dir, cut, resume=True))
+    assert resumed["score"] == full["score"] and resumed["sparsity"] == full["sparsity"]
+    full_log = (tmp_path / "full" / "log.jsonl").read_text().splitlines()
+    cut_log = (cut / "log.jsonl").read_text().splitlines()
+    assert [json.loads(x)["modules"] for x in cut_log] == [json.loads(x)["modules"] for x in full_log]
+
+
+def test_cli_errors_name_the_known_choices(capsys):
+    assert main(["train", "--task", "nope"]) == 2
+    assert "known" in capsys.readouterr().err
+    assert main(["train", "--method", "ia3"]) == 2
+    assert "unknown method" in capsys.readouterr().err
+    assert main(["train", "--model", "no-such-model"]) == 2
+    assert "minilm" in capsys.readouterr().err
+    assert main(["eval", "/nonexistent/run"]) == 2
+    assert main(["train", "--lam", "-1"]) == 2
+    assert "lam" in capsys.readouterr().err
+
+
+def test_cli_compare_train_eval_analyze(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TSPEFT_QUIET", "1")
+    common = ["--model", tiny_model_dir, "--max-train", "32", "--max-test", "16", "--epochs", "1", "--batch-size", "8",
+              "--lam", "1e-3", "--s", "2e-2", "--lr", "5e-3", "--logging-steps", "1"]
+    assert main(["compare", "--seeds", "0", "--output", str(tmp_path / "cmp"), *common]) == 0
+    out = capsys.readouterr().out
+    assert "TS-LoRA" in out and "LoRA" in out and "results.json" in out
+    records = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    assert {(r["method"], r["selective"]) for r in records} == {("lora", False), ("lora", True)}
+    assert set(records[0]) >= {"task", "model", "method", "selective", "seed", "metric", "score", "sparsity"}
+    ts_dir = tmp_path / "cmp" / "lora-ts-seed0"
+    assert main(["eval", str(ts_dir)]) == 0
+    assert "identical" in capsys.readouterr().out
+    assert main(["analyze", str(ts_dir)]) == 0
+    assert (ts_dir / "analysis" / "sparsity_heatmap.png").stat().st_size > 0
+    assert main(["select", str(ts_dir), "--strategy", "s_low", "--fraction", "0.5"]) == 0
+    assert "--target-modules" in capsys.readouterr().out
+
+
+def test_llava_vision_language_step_reports_sparsity():
+    from peft import LoraConfig, get_peft_model
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from tspeft.models import target_modules
+
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=16, patch_size=8, projection_dim=32)
+    text = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=64)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=63, vision_feature_layer=-1)
+    model = LlavaForConditionalGeneration(cfg)
+    targets = target_modules(model, "Q,K,V,O,Up,Down,Gate")
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    tspeft.enable(model, tspeft.TSConfig(lam=1e-3, s=2e-2))
+    assert all("language_model" in n for n in tspeft.gated_modules(model))
+    opt = tspeft.optimizer(model, lr=1e-2)
+    n_img = (16 // 8) ** 2
+    ids = torch.cat([torch.full((2, n_img), 63), torch.randint(1, 60, (2, 8))], dim=1)
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0
+    for _ in range(3):
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(2, 3, 16, 16), labels=ids)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+    stats = tspeft.module_stats(model)
+    assert all(v["tokens"] == 3 * int(mask.sum()) for v in stats.values())  # padding excluded
+    assert 0.0 <= tspeft.overall_sparsity(model) < 1.0

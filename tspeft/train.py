@@ -1,0 +1,398 @@
+"""One fine-tuning run on top of ``transformers.Trainer``: dense PEFT or its token-selective twin.
+
+``train(RunConfig(...))`` builds the model and adapter, trains, evaluates on the test split and writes a
+run directory: ``run.json`` (scores, sparsity, per-module statistics), ``log.jsonl`` (per logging step:
+loss, lr, thresholds and sparsity of every module), ``adapter/`` (the saved adapter, thresholds included)
+and ``checkpoints/`` (adapters, thresholds and optimizer state; ``resume=True`` continues a killed run).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import TSConfig
+from .data import collate, compute_metrics, encode_examples, load_task, score_choices
+from .io import atomic_write
+from .model import enable, is_enabled
+from .optim import adapter_parameters, attach_grad_scaler, optimizer
+from .stats import module_stats, overall_sparsity, reset_stats
+
+METHODS = ("lora", "dora", "adalora", "adapter")
+
+
+@dataclass
+class RunConfig:
+    """Everything one run needs; every field is a command-line flag of ``tspeft train``."""
+
+    task: str = "sst2"
+    model: str = "minilm"
+    method: str = "lora"
+    selective: bool = True
+    lam: float = 1e-5
+    s: float = 1e-3
+    rule: str = "adam"
+    seed: int = 0
+    epochs: float = 3.0
+    lr: float = 5e-4
+    batch_size: int = 16
+    grad_accum: int = 1
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    scheduler: str = "linear"
+    max_grad_norm: float = 1.0
+    rank: int = 8
+    init_rank: int | None = None
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: str = "Q,K,V,O,I"
+    target_modules: list[str] | None = None
+    rank_pattern: dict[str, int] | None = None
+    adapter_hidden: int = 32
+    max_length: int = 128
+    max_train: int | None = 600
+    max_test: int | None = 272
+    test_fraction: float = 0.35
+    split_seed: int = 0
+    source: str = "auto"
+    data_files: dict[str, str] | None = None
+    logging_steps: int = 10
+    save_steps: int = 50
+    eval_batch_size: int = 64
+    output_dir: str = "runs/run"
+    resume: bool = False
+    bf16: bool = False
+    fp16: bool = False
+    gradient_checkpointing: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; known methods: {', '.join(METHODS)}")
+        for name in ("epochs", "lr", "batch_size", "rank", "max_length", "grad_accum"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.selective:
+            self.ts_config()  # validates lam, s, rule
+
+    def ts_config(self) -> TSConfig:
+        """Return the token-selection config of this run."""
+        return TSConfig(lam=self.lam, s=self.s, rule=self.rule)
+
+    @property
+    def label(self) -> str:
+        """Return the method's display name, e.g. TS-LoRA."""
+        name = {"lora": "LoRA", "dora": "DoRA", "adalora": "AdaLoRA", "adapter": "Adapter"}[self.method]
+        return f"TS-{name}" if self.selective else name
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        """Return a RunConfig from a dict, rejecting unknown keys with the list of known ones."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown run settings {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+def build_model(cfg: RunConfig, total_steps: int, spec) -> tuple[nn.Module, Any, str]:
+    """Return (model with adapter [and gates], tokenizer, head) for the task `spec`."""
+    from peft import AdaLoraConfig, LoraConfig, TaskType, get_peft_model
+
+    from .adapter import add_parallel_adapter
+    from .models import load_model, target_modules
+
+    torch.manual_seed(cfg.seed)
+    base, tokenizer = load_model(cfg.model, spec)
+    head = _head_of(base)
+    targets = cfg.target_modules or target_modules(base, cfg.targets)
+    task_type = TaskType.CAUSAL_LM if head == "causal-lm" else TaskType.SEQ_CLS
+    head_modules = _head_modules(base) if head != "causal-lm" else None
+    if cfg.method == "adapter":
+        model = add_parallel_adapter(base, targets, hidden=cfg.adapter_hidden, scale=cfg.alpha / cfg.rank,
+                                     dropout=cfg.dropout, modules_to_save=head_modules)
+    elif cfg.method == "adalora":
+        model = get_peft_model(base, AdaLoraConfig(
+            init_r=cfg.init_rank or 2 * cfg.rank, target_r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+            target_modules=targets, total_step=total_steps, tinit=max(1, total_steps // 10),
+            tfinal=max(1, total_steps // 5), deltaT=max(1, total_steps // 20), task_type=task_type,
+            modules_to_save=head_modules if head == "multiple-choice" else None))
+    else:
+        model = get_peft_model(base, LoraConfig(
+            r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+            use_dora=cfg.method == "dora", rank_pattern=cfg.rank_pattern or {}, task_type=task_type,
+            modules_to_save=head_modules if head == "multiple-choice" else None))
+    if cfg.selective:
+        enable(model, cfg.ts_config())
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, tokenizer, head
+
+
+def _head_of(model: nn.Module) -> str:
+    name = type(model).__name__
+    if name.endswith("ForMultipleChoice"):
+        return "multiple-choice"
+    if name.endswith("ForSequenceClassification"):
+        return "sequence-classification"
+    return "causal-lm"
+
+
+def _head_modules(model: nn.Module) -> list[str]:
+    """Return the names of the task head's modules, which train alongside the adapter."""
+    return [n for n in ("classifier", "score", "pooler.dense") if _has_module(model, n)][:1]
+
+
+def _has_module(model: nn.Module, suffix: str) -> bool:
+    return any(n == suffix or n.endswith("." + suffix) for n, _ in model.named_modules())
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+
+
+def _trainer_class():
+    from transformers import Trainer
+
+    class TSTrainer(Trainer):
+        """Trainer with tspeft's optimizer, threshold-free clipping and threshold-aware checkpoints."""
+
+        def create_optimizer(self, model=None):
+            model = model if model is not None else self.model
+            if self.optimizer is None and is_enabled(model):
+                self.optimizer = optimizer(model, lr=self.args.learning_rate, weight_decay=self.args.weight_decay,
+                                           betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon)
+                scaler = getattr(self.accelerator, "scaler", None)
+                if scaler is not None:
+                    attach_grad_scaler(model, scaler)
+            return super().create_optimizer(model) if self.optimizer is None else self.optimizer
+
+        def _clip_grad_norm(self, model):
+            params = adapter_parameters(_unwrap(model))  # thresholds stay out of clipping (see clip_grad_norm_)
+            return self.accelerator.clip_grad_norm_(params, self.args.max_grad_norm)
+
+        def _get_grad_norm(self, model, grad_norm=None):
+            if grad_norm is None:
+                grad_norm = self.accelerator.clip_grad_norm_(adapter_parameters(_unwrap(model)), float("inf"))
+            return grad_norm
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            target = _unwrap(model if model is not None else self.model)
+            if is_enabled(target):
+                from .io import load_ts_state
+
+                load_ts_state(target, resume_from_checkpoint)
+
+    return TSTrainer
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+def _callbacks(run_dir: Path, model: nn.Module, method: str):
+    from transformers import TrainerCallback
+
+    class RunLog(TrainerCallback):
+        """Appends one JSON line per logging step; stops the run on a non-finite loss."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            if "loss" not in logs:
+                return
+            if not math.isfinite(logs["loss"]):
+                raise FloatingPointError(
+                    f"loss is {logs['loss']} at step {state.global_step}: stopping. The last whole checkpoint "
+                    f"is in {run_dir / 'checkpoints'}; lower the learning rate and resume with --resume."
+                )
+            record = {"step": state.global_step, "epoch": state.epoch, "loss": logs["loss"],
+                      "lr": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
+                      "threshold_mean": None, "sparsity": None, "modules": {}}
+            if is_enabled(model):
+                stats = module_stats(model)
+                taus = [v["threshold"] for v in stats.values()]
+                record["threshold_mean"] = sum(taus) / len(taus)
+                record["sparsity"] = overall_sparsity(model)
+                record["modules"] = {n: {"threshold": v["threshold"], "sparsity": v["sparsity"]} for n, v in stats.items()}
+                reset_stats(model)  # each line reports the tokens since the previous one
+            with open(run_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    class AdaLoraAllocation(TrainerCallback):
+        """Calls AdaLoRA's update_and_allocate after every optimizer step, before gradients are zeroed."""
+
+        def __init__(self):
+            self.calls = 0
+
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            model.base_model.update_and_allocate(state.global_step)
+            self.calls += 1
+
+    callbacks = [RunLog()]
+    if method == "adalora":
+        callbacks.append(AdaLoraAllocation())
+    return callbacks
+
+
+# -------------------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, tokenizer, spec, head: str, records: list[dict], cfg: RunConfig) -> dict[str, Any]:
+    """Return {metrics, score, sparsity, modules} on `records`; sparsity counts only these batches."""
+    model.eval()
+    if is_enabled(model):
+        reset_stats(model)
+    if head == "causal-lm":
+        preds = score_choices(model, tokenizer, records, batch_size=cfg.eval_batch_size // 4 or 1, spec=spec,
+                              max_length=cfg.max_length)
+        labels = [int(r["label"]) for r in records]
+    else:
+        encoded = encode_examples(spec, records, tokenizer, max_length=cfg.max_length, head=head)
+        device = next(model.parameters()).device
+        preds, labels = [], []
+        for i in range(0, len(encoded), cfg.eval_batch_size):
+            chunk = encoded[i:i + cfg.eval_batch_size]
+            batch = collate(chunk, tokenizer.pad_token_id, return_choice_mask=head == "multiple-choice")
+            choice_mask = batch.pop("choice_mask", None)
+            labels.extend(batch.pop("labels").tolist())
+            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
+            if choice_mask is not None:
+                logits = logits.masked_fill(~choice_mask.to(device), float("-inf"))
+            preds.extend(logits.squeeze(-1).tolist() if spec.is_regression else logits.argmax(-1).tolist())
+    metrics = compute_metrics(spec, preds, labels)
+    out = {"metrics": metrics, "score": metrics[spec.primary_metric], "metric": spec.primary_metric,
+           "sparsity": None, "modules": {}}
+    if is_enabled(model):
+        out["sparsity"] = overall_sparsity(model)
+        out["modules"] = module_stats(model)
+    return out
+
+
+# -------------------------------------------------------------------------------------------------- run
+
+
+def train(cfg: RunConfig) -> dict[str, Any]:
+    """Run one fine-tuning, evaluate on the test split, write the run directory; return run.json's dict."""
+    from transformers import TrainingArguments
+    from transformers.trainer_utils import get_last_checkpoint
+
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data = load_task(cfg.task, seed=cfg.split_seed, test_fraction=cfg.test_fraction, max_train=cfg.max_train,
+                     max_test=cfg.max_test, source=cfg.source, data_files=cfg.data_files)
+    steps_per_epoch = math.ceil(len(data.train) / (cfg.batch_size * cfg.grad_accum))
+    total_steps = max(1, math.ceil(steps_per_epoch * cfg.epochs))
+    model, tokenizer, head = build_model(cfg, total_steps, data.spec)
+    train_set = encode_examples(data.spec, data.train, tokenizer, max_length=cfg.max_length, head=head)
+    checkpoint = None
+    if cfg.resume:
+        checkpoint = get_last_checkpoint(str(run_dir / "checkpoints")) if (run_dir / "checkpoints").exists() else None
+        if checkpoint is None:
+            raise FileNotFoundError(f"--resume: no checkpoint under {run_dir / 'checkpoints'}")
+    elif (run_dir / "log.jsonl").exists():
+        (run_dir / "log.jsonl").unlink()  # a fresh run replaces an old log
+    args = TrainingArguments(
+        output_dir=str(run_dir / "checkpoints"), per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, num_train_epochs=cfg.epochs, learning_rate=cfg.lr,
+        weight_decay=cfg.weight_decay, lr_scheduler_type=cfg.scheduler,
+        warmup_steps=int(cfg.warmup_ratio * total_steps), max_grad_norm=cfg.max_grad_norm,
+        logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2,
+        seed=cfg.seed, data_seed=cfg.seed, report_to="none", remove_unused_columns=False,
+        dataloader_num_workers=0, bf16=cfg.bf16, fp16=cfg.fp16, use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=os.environ.get("TSPEFT_QUIET") == "1",
+    )
+    trainer = _trainer_class()(
+        model=model, args=args, train_dataset=train_set,
+        data_collator=lambda batch: collate(batch, tokenizer.pad_token_id),
+        callbacks=_callbacks(run_dir, model, cfg.method),
+    )
+    trainer.train(resume_from_checkpoint=checkpoint)
+    model = _unwrap(trainer.model)
+    result = evaluate(model, tokenizer, data.spec, head, data.test, cfg)
+    if is_enabled(model) and head != "causal-lm":
+        _write_ratios(model, tokenizer, data.spec, head, data.test, cfg, run_dir / "ratios.npz")
+    adapter_dir = run_dir / "adapter"
+    if cfg.method == "adapter" or is_enabled(model):
+        from .io import save_pretrained
+
+        save_pretrained(model, adapter_dir)
+    else:
+        model.save_pretrained(str(adapter_dir))
+    record = {
+        "task": cfg.task, "model": cfg.model, "method": cfg.method, "selective": cfg.selective, "seed": cfg.seed,
+        "label": cfg.label, "metric": result["metric"], "score": result["score"], "metrics": result["metrics"],
+        "sparsity": result["sparsity"], "note": data.note, "steps": trainer.state.global_step,
+        "config": asdict(cfg), "modules": result["modules"] or _dense_module_stats(model),
+    }
+    text = json.dumps(record, indent=2) + "\n"
+    atomic_write(run_dir / "run.json", lambda tmp: Path(tmp).write_text(text))
+    return record
+
+
+def _write_ratios(model, tokenizer, spec, head, records, cfg: RunConfig, path: Path, max_batches: int = 4) -> None:
+    """Write ratios.npz: per module, the ratios ||M(x)||/||W0 x|| of real test tokens (for the histogram)."""
+    import numpy as np
+
+    from .stats import collect_ratios
+
+    encoded = encode_examples(spec, records, tokenizer, max_length=cfg.max_length, head=head)
+    device = next(model.parameters()).device
+    batches = []
+    for i in range(0, min(len(encoded), max_batches * cfg.eval_batch_size), cfg.eval_batch_size):
+        batch = collate(encoded[i:i + cfg.eval_batch_size], tokenizer.pad_token_id)
+        batch.pop("labels")
+        batches.append({k: v.to(device) for k, v in batch.items()})
+    ratios = collect_ratios(model, batches)
+    arrays = {name: r.numpy() for name, r in ratios.items()}
+    atomic_write(path, lambda tmp: np.savez(open(tmp, "wb"), **arrays))
+
+
+def _dense_module_stats(model: nn.Module) -> dict[str, Any]:
+    """Return parameter counts per adapter module of a dense run (no gate statistics)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from .adapter import ParallelAdapter
+    from .layers import adapter_param_count
+
+    return {n: {"sparsity": None, "threshold": None, "ratio_mean": None, "delta_norm_mean": None,
+                "rank": None, "params": adapter_param_count(m)}
+            for n, m in model.named_modules() if isinstance(m, (BaseTunerLayer, ParallelAdapter))}
+
+
+def evaluate_saved(run_dir: str | Path) -> dict[str, Any]:
+    """Return a fresh evaluation of a run directory's saved adapter on the run's own test split."""
+    from peft import PeftModel
+
+    from .io import ADAPTER_CONFIG, from_pretrained, is_token_selective
+    from .models import load_model
+
+    run_dir = Path(run_dir)
+    meta_path = run_dir / "run.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{meta_path} not found: pass a run directory written by 'tspeft train'")
+    meta = json.loads(meta_path.read_text())
+    cfg = RunConfig.from_dict(meta["config"])
+    data = load_task(cfg.task, seed=cfg.split_seed, test_fraction=cfg.test_fraction, max_train=cfg.max_train,
+                     max_test=cfg.max_test, source=cfg.source, data_files=cfg.data_files)
+    torch.manual_seed(cfg.seed)  # weights missing from the checkpoint (e.g. a pooler) are initialised alike
+    base, tokenizer = load_model(cfg.model, data.spec)
+    head = _head_of(base)
+    adapter = run_dir / "adapter"
+    if is_token_selective(adapter) or (adapter / ADAPTER_CONFIG).exists():
+        model = from_pretrained(base, adapter)
+    else:
+        model = PeftModel.from_pretrained(base, str(adapter))
+    result = evaluate(model, tokenizer, data.spec, head, data.test, cfg)
+    return {"task": cfg.task, "label": cfg.label, "metric": result["metric"], "score": result["score"],
+            "sparsity": result["sparsity"], "note": data.note, "modules": result["modules"]}
