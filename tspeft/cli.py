@@ -303,6 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the ``tspeft`` command and return its exit status."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    forwarded = {"bench": "tspeft.bench", "reproduce": "tspeft.reproduce"}
+    if argv and argv[0] in forwarded:  # their own parsers own every flag, --help included
+        import importlib
+
+        return int(importlib.import_module(forwarded[argv[0]]).main(argv[1:]) or 0)
     ns = build_parser().parse_args(argv)
     try:
         return ns.func(ns)

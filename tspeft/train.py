@@ -1,9 +1,10 @@
 """One fine-tuning run on top of ``transformers.Trainer``: dense PEFT or its token-selective twin.
 
-``train(RunConfig(...))`` builds the model and adapter, trains, evaluates on the test split and writes a
-run directory: ``run.json`` (scores, sparsity, per-module statistics), ``log.jsonl`` (per logging step:
-loss, lr, thresholds and sparsity of every module), ``adapter/`` (the saved adapter, thresholds included)
-and ``checkpoints/`` (adapters, thresholds and optimizer state; ``resume=True`` continues a killed run).
+``train(RunConfig(...))`` builds the model and adapter, trains, evaluates on the test split (or, with
+``eval_on="val"``, on the ``val_fraction`` of train held out for choosing lambda and s) and writes a run
+directory: ``run.json`` (scores, sparsity, per-module statistics), ``log.jsonl`` (per logging step: loss, lr,
+thresholds and sparsity of every module), ``adapter/`` (the saved adapter, thresholds included) and
+``checkpoints/`` (adapters, thresholds and optimizer state; ``resume=True`` continues a killed run).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .optim import adapter_parameters, attach_grad_scaler, optimizer
 from .stats import module_stats, overall_sparsity, reset_stats
 
 METHODS = ("lora", "dora", "adalora", "adapter")
+EVAL_SPLITS = ("test", "val")
 
 
 @dataclass
@@ -60,6 +62,8 @@ class RunConfig:
     max_train: int | None = 600
     max_test: int | None = 272
     test_fraction: float = 0.35
+    val_fraction: float = 0.0  # share of the train split held out as validation (for choosing lam and s)
+    eval_on: str = "test"  # "test", or "val" (needs val_fraction > 0): the split the run is scored on
     split_seed: int = 0
     source: str = "auto"
     data_files: dict[str, str] | None = None
@@ -79,6 +83,13 @@ class RunConfig:
         for name in ("epochs", "lr", "batch_size", "rank", "max_length", "grad_accum"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.eval_on not in EVAL_SPLITS:
+            raise ValueError(f"eval_on must be one of {EVAL_SPLITS}, got {self.eval_on!r}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        own_val = bool((self.data_files or {}).keys() & {"val", "validation"})  # local files may bring one
+        if self.eval_on == "val" and self.val_fraction == 0.0 and not own_val:
+            raise ValueError("eval_on='val' needs a validation split: set val_fraction > 0 (e.g. 0.2)")
         if self.selective:
             self.ts_config()  # validates lam, s, rule
 
@@ -283,14 +294,13 @@ def evaluate(model: nn.Module, tokenizer, spec, head: str, records: list[dict], 
 
 
 def train(cfg: RunConfig) -> dict[str, Any]:
-    """Run one fine-tuning, evaluate on the test split, write the run directory; return run.json's dict."""
+    """Run one fine-tuning, evaluate on the test (or val) split, write the run directory; return run.json's dict."""
     from transformers import TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
 
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    data = load_task(cfg.task, seed=cfg.split_seed, test_fraction=cfg.test_fraction, max_train=cfg.max_train,
-                     max_test=cfg.max_test, source=cfg.source, data_files=cfg.data_files)
+    data = _load_data(cfg)
     steps_per_epoch = math.ceil(len(data.train) / (cfg.batch_size * cfg.grad_accum))
     total_steps = max(1, math.ceil(steps_per_epoch * cfg.epochs))
     model, tokenizer, head = build_model(cfg, total_steps, data.spec)
@@ -319,9 +329,10 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     )
     trainer.train(resume_from_checkpoint=checkpoint)
     model = _unwrap(trainer.model)
-    result = evaluate(model, tokenizer, data.spec, head, data.test, cfg)
+    eval_records = _eval_records(data, cfg)
+    result = evaluate(model, tokenizer, data.spec, head, eval_records, cfg)
     if is_enabled(model) and head != "causal-lm":
-        _write_ratios(model, tokenizer, data.spec, head, data.test, cfg, run_dir / "ratios.npz")
+        _write_ratios(model, tokenizer, data.spec, head, eval_records, cfg, run_dir / "ratios.npz")
     adapter_dir = run_dir / "adapter"
     if cfg.method == "adapter" or is_enabled(model):
         from .io import save_pretrained
@@ -340,8 +351,23 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     return record
 
 
+def _load_data(cfg: RunConfig):
+    """Return the run's TaskData (train/val/test), split as the config says."""
+    return load_task(cfg.task, seed=cfg.split_seed, test_fraction=cfg.test_fraction, val_fraction=cfg.val_fraction,
+                     max_train=cfg.max_train, max_test=cfg.max_test, source=cfg.source, data_files=cfg.data_files)
+
+
+def _eval_records(data, cfg: RunConfig) -> list[dict]:
+    """Return the records the run is scored on: the test split, or the validation split for eval_on='val'."""
+    if cfg.eval_on == "test":
+        return data.test
+    if not data.val:
+        raise ValueError(f"eval_on='val' but {cfg.task} has no validation records; set val_fraction > 0")
+    return data.val
+
+
 def _write_ratios(model, tokenizer, spec, head, records, cfg: RunConfig, path: Path, max_batches: int = 4) -> None:
-    """Write ratios.npz: per module, the ratios ||M(x)||/||W0 x|| of real test tokens (for the histogram)."""
+    """Write ratios.npz: per module, the ratios ||M(x)||/||W0 x|| of real evaluation tokens (for the histogram)."""
     import numpy as np
 
     from .stats import collect_ratios
@@ -371,7 +397,7 @@ def _dense_module_stats(model: nn.Module) -> dict[str, Any]:
 
 
 def evaluate_saved(run_dir: str | Path) -> dict[str, Any]:
-    """Return a fresh evaluation of a run directory's saved adapter on the run's own test split."""
+    """Return a fresh evaluation of a run directory's saved adapter on the split the run was scored on."""
     from peft import PeftModel
 
     from .io import ADAPTER_CONFIG, from_pretrained, is_token_selective
@@ -383,8 +409,7 @@ def evaluate_saved(run_dir: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{meta_path} not found: pass a run directory written by 'tspeft train'")
     meta = json.loads(meta_path.read_text())
     cfg = RunConfig.from_dict(meta["config"])
-    data = load_task(cfg.task, seed=cfg.split_seed, test_fraction=cfg.test_fraction, max_train=cfg.max_train,
-                     max_test=cfg.max_test, source=cfg.source, data_files=cfg.data_files)
+    data = _load_data(cfg)
     torch.manual_seed(cfg.seed)  # weights missing from the checkpoint (e.g. a pooler) are initialised alike
     base, tokenizer = load_model(cfg.model, data.spec)
     head = _head_of(base)
@@ -393,6 +418,6 @@ def evaluate_saved(run_dir: str | Path) -> dict[str, Any]:
         model = from_pretrained(base, adapter)
     else:
         model = PeftModel.from_pretrained(base, str(adapter))
-    result = evaluate(model, tokenizer, data.spec, head, data.test, cfg)
+    result = evaluate(model, tokenizer, data.spec, head, _eval_records(data, cfg), cfg)
     return {"task": cfg.task, "label": cfg.label, "metric": result["metric"], "score": result["score"],
             "sparsity": result["sparsity"], "note": data.note, "modules": result["modules"]}
