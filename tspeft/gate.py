@@ -42,7 +42,9 @@ def threshold_grad(
     lam_factor: LamFactor = None,
 ) -> torch.Tensor:
     """Return -g_k of Eq. 15 (a 0-d fp32 tensor) from per-token mu (N,), mask (N,) and real (N,) or None."""
-    consistent = (mu >= 0) == mask
+    # a non-finite mu (NaN/inf loss or gradient) must reach g_k so that the optimizer skips the step: NaN
+    # compares false, so an active token with mu = NaN or -inf would otherwise drop out of the sum silently
+    consistent = ((mu >= 0) == mask) | ~torch.isfinite(mu)
     active = mask
     if real is not None:
         consistent = consistent & real

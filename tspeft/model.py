@@ -32,7 +32,7 @@ class TSController:
         self.grad_scaler: Any = None  # a torch.amp.GradScaler whose scale multiplies lambda's term
         self.optimizer_ref: weakref.ref | None = None
         self.pending_optimizer_state: dict[str, dict[str, torch.Tensor]] = {}
-        self.hook_handle: Any = None
+        self.hook_handles: list[Any] = []
 
     def lam_factor(self) -> float | torch.Tensor:
         """Return the factor for lambda's term of g_k: the loss scale times the data-parallel world size.
@@ -186,7 +186,13 @@ def enable(model: nn.Module, config: TSConfig | None = None) -> nn.Module:
         mod.__class__ = _gated_class(type(mod), update)
         mod._ts_ctrl = ctrl
     model._tspeft = ctrl
-    ctrl.hook_handle = model.register_forward_pre_hook(_capture_attention_mask(model), with_kwargs=True)
+    _ddp_ignore(model, [f"{name}.{STATS}" for name in candidates], add=True)
+    # on the peft wrapper and on the transformers model inside: generate() calls the inner model directly
+    from peft import PeftModel
+
+    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    for mod in dict.fromkeys([model, inner]):
+        ctrl.hook_handles.append(mod.register_forward_pre_hook(_capture_attention_mask(model, mod), with_kwargs=True))
     _wrap_save(model)
     return model
 
@@ -194,13 +200,14 @@ def enable(model: nn.Module, config: TSConfig | None = None) -> nn.Module:
 def disable(model: nn.Module) -> nn.Module:
     """Return `model` with the gates removed (thresholds dropped): the dense adapter again."""
     ctrl = controller(model)
+    _ddp_ignore(model, [f"{name}.{STATS}" for name in gated_modules(model)], add=False)
     for mod in gated_modules(model).values():
         mod.__class__ = next(c for c in type(mod).__mro__[1:] if c is not GatedLayer and not issubclass(c, GatedLayer))
         del mod._parameters[THRESHOLD]
         del mod._buffers[STATS]
         del mod._ts_ctrl
-    if ctrl.hook_handle is not None:
-        ctrl.hook_handle.remove()
+    for handle in ctrl.hook_handles:
+        handle.remove()
     cls = type(model)
     if getattr(cls, "_ts_wrapped", False):
         model.__class__ = cls.__mro__[1]
@@ -208,21 +215,71 @@ def disable(model: nn.Module) -> nn.Module:
     return model
 
 
-def _capture_attention_mask(model: nn.Module):
-    """Return a forward pre-hook that stores the call's 2-D attention mask on the controller."""
+def _ddp_ignore(model: nn.Module, names: list[str], *, add: bool) -> None:
+    """Add (or remove) the statistics buffers to the names DistributedDataParallel leaves alone.
+
+    DDP's broadcast_buffers copies rank 0's buffers into every other rank before each forward, which would
+    overwrite each rank's token counts with rank 0's. Statistics are per rank (sum them across ranks for
+    the global count); thresholds are parameters and are averaged like any other.
+    """
+    key = "_ddp_params_and_buffers_to_ignore"
+    current = [n for n in vars(model).get(key, []) if n not in names] + (names if add else [])
+    if current:
+        setattr(model, key, current)
+    else:
+        vars(model).pop(key, None)
+
+
+def _capture_attention_mask(model: nn.Module, module: nn.Module):
+    """Return a forward pre-hook for `module` that stores the call's 2-D attention mask on model's controller."""
     try:
-        params = list(inspect.signature(model.forward).parameters)
+        params = list(inspect.signature(module.forward).parameters)
     except (TypeError, ValueError):
         params = []
-    position = params.index("attention_mask") if "attention_mask" in params else None
 
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        mask = kwargs.get("attention_mask")
-        if mask is None and position is not None and len(args) > position:
-            mask = args[position]
-        module._tspeft.token_mask = _as_token_mask(mask)
+    def argument(name: str, args: tuple, kwargs: dict) -> Any:
+        value = kwargs.get(name)
+        if value is None and name in params and len(args) > params.index(name):
+            value = args[params.index(name)]
+        return value
+
+    def hook(_: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = _as_token_mask(argument("attention_mask", args, kwargs))
+        ids, embeds = argument("input_ids", args, kwargs), argument("inputs_embeds", args, kwargs)
+        what, tokens = ("input_ids", ids.shape) if isinstance(ids, torch.Tensor) else ("inputs_embeds", None)
+        if tokens is None and isinstance(embeds, torch.Tensor):
+            tokens = embeds.shape[:-1]
+        if tokens is not None:
+            cached = any(kwargs.get(k) is not None for k in _CACHE_ARGS)
+            _check_tokens(tuple(tokens), what, mask, cached)
+            if mask is not None and mask.shape[-1] > tokens[-1]:  # KV cache: the new tokens are the mask's last
+                mask = mask[..., -tokens[-1]:]
+        model._tspeft.token_mask = mask
 
     return hook
+
+
+_CACHE_ARGS = ("cache", "past_key_values")  # transformers 5 calls the KV cache `cache`, 4.x `past_key_values`
+
+
+def _check_tokens(tokens: tuple[int, ...], what: str, mask: torch.Tensor | None, cached: bool) -> None:
+    """Raise a ValueError naming the fix for an empty batch or a padding mask that does not fit the input."""
+    if len(tokens) >= 2 and tokens[0] == 0:
+        raise ValueError(
+            f"tspeft: empty batch ({what} of shape {tokens}); there is no token to gate. "
+            "Skip empty batches in the data loader or collator."
+        )
+    if mask is None:
+        return
+    m, n = mask.shape[-1], tokens[-1]
+    # with a KV cache the mask covers past + current tokens, so it may be longer than the new input
+    if tuple(mask.shape[:-1]) != tokens[:-1] or m < n or (m > n and not cached):
+        raise ValueError(
+            f"attention_mask of shape {tuple(mask.shape)} does not match {what} of shape {tokens}: tspeft needs "
+            "one mask entry per input token (1 real, 0 padding) to keep padding out of the thresholds' "
+            "gradient and of sparsity. Pass the attention_mask built with this batch (same batch size and "
+            "sequence length)."
+        )
 
 
 def _as_token_mask(mask: Any) -> torch.Tensor | None:
@@ -253,10 +310,17 @@ def _wrap_save(model: nn.Module) -> None:
     if cls not in _SAVE_CLASSES:
 
         def save_pretrained(self, save_directory, *args, **kwargs):
-            from .io import save_ts_state
+            from .io import save_ts_state, staged_save
 
-            cls.save_pretrained(self, save_directory, *args, **kwargs)
-            save_ts_state(self, save_directory)
+            bound = inspect.signature(cls.save_pretrained).bind_partial(self, save_directory, *args, **kwargs)
+            if not bound.arguments.get("is_main_process", True):  # other ranks: peft writes nothing, nor do we
+                return cls.save_pretrained(self, save_directory, *args, **kwargs)
+
+            def write(staging):
+                cls.save_pretrained(self, str(staging), *args, **kwargs)
+                save_ts_state(self, staging)
+
+            staged_save(save_directory, write)
 
         _SAVE_CLASSES[cls] = type(f"TS{cls.__name__}", (cls,), {"save_pretrained": save_pretrained, "_ts_wrapped": True})
     model.__class__ = _SAVE_CLASSES[cls]
