@@ -366,7 +366,7 @@ def _eval_records(data, cfg: RunConfig) -> list[dict]:
     return data.val
 
 
-def _write_ratios(model, tokenizer, spec, head, records, cfg: RunConfig, path: Path, max_batches: int = 4) -> None:
+def _write_ratios(model, tokenizer, spec, head, records, cfg: RunConfig, path: Path, max_batches: int = 1) -> None:
     """Write ratios.npz: per module, the ratios ||M(x)||/||W0 x|| of real evaluation tokens (for the histogram)."""
     import numpy as np
 
