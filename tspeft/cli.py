@@ -117,7 +117,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
     cfg = _run_config(ns)
     record = train(cfg)
-    _print_result(record, cfg.output_dir)
+    if record:  # empty on data-parallel ranks other than 0
+        _print_result(record, cfg.output_dir)
     return 0
 
 

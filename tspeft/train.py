@@ -236,6 +236,8 @@ def _callbacks(run_dir: Path, model: nn.Module, method: str):
                 record["sparsity"] = overall_sparsity(model)
                 record["modules"] = {n: {"threshold": v["threshold"], "sparsity": v["sparsity"]} for n, v in stats.items()}
                 reset_stats(model)  # each line reports the tokens since the previous one
+            if not state.is_world_process_zero:
+                return  # data parallel: thresholds are equal on every rank; rank 0 logs its own tokens
             with open(run_dir / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
@@ -328,6 +330,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         callbacks=_callbacks(run_dir, model, cfg.method),
     )
     trainer.train(resume_from_checkpoint=checkpoint)
+    if not trainer.is_world_process_zero():
+        return {}  # data parallel: rank 0 alone evaluates and writes the run directory
     model = _unwrap(trainer.model)
     eval_records = _eval_records(data, cfg)
     result = evaluate(model, tokenizer, data.spec, head, eval_records, cfg)
