@@ -7,9 +7,16 @@ import warnings
 import pytest
 import torch
 from peft import AdaLoraConfig, LoraConfig, get_peft_model
-from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 import tspeft
+from tspeft.models import resolve_model
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 METHODS = ("lora", "dora", "adalora", "adapter")
@@ -68,6 +75,19 @@ def batch(arch: str, seed: int = 0, b: int = 3, t: int = 10, pad: int = 3):
         labels[mask == 0] = -100
         out["labels"] = labels
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random BERT with the bundled MiniLM tokenizer, saved as a local model folder."""
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tok = AutoTokenizer.from_pretrained(resolve_model("minilm").path)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=48, max_position_embeddings=128)
+    BertForSequenceClassification(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
 
 
 @pytest.fixture(params=METHODS)

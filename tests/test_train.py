@@ -7,25 +7,10 @@ import shutil
 
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 import tspeft
 from tspeft.cli import main
-from tspeft.models import resolve_model
 from tspeft.train import RunConfig, evaluate_saved, train
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A tiny random BERT with the bundled MiniLM tokenizer, saved as a local model folder."""
-    path = tmp_path_factory.mktemp("tiny-bert")
-    tok = AutoTokenizer.from_pretrained(resolve_model("minilm").path)
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=48, max_position_embeddings=128)
-    BertForSequenceClassification(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
 
 
 def _cfg(model_dir, out, **kw):
