@@ -18,7 +18,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
 from .adapter import ParallelAdapter
-from .lowrank import dora_gate, dora_weight_norm, low_rank_gate
+from .lowrank import dora_gate, dora_weight_norm, linear_dora_gate, linear_low_rank_gate, low_rank_gate
 
 GatedForward = Callable[[nn.Module, torch.Tensor, torch.Tensor, dict[str, Any]], torch.Tensor]
 
@@ -44,20 +44,47 @@ def _bias(layer: nn.Module) -> torch.Tensor | None:
     return getattr(layer.get_base_layer(), "bias", None)
 
 
+def _frozen_linear(layer: nn.Module) -> nn.Linear | None:
+    """Return the base nn.Linear if neither its weight nor its bias trains (x's gradient can be fused), else None."""
+    lin = layer.get_base_layer()
+    if type(lin).forward is not nn.Linear.forward or lin.weight.requires_grad:
+        return None
+    return lin if lin.bias is None or not lin.bias.requires_grad else None
+
+
+def _rank_space(
+    layer: nn.Module, x: torch.Tensor, base: torch.Tensor, dropout: nn.Module, A: torch.Tensor, B: torch.Tensor,
+    scale: float | torch.Tensor, gate: dict[str, Any],
+) -> torch.Tensor:
+    """Return base + mask * c B A dropout(x): fused with the frozen base's backward when it can be."""
+    x = x.to(base.dtype)
+    xd, dropped = _dropped(dropout, x)
+    lin = _frozen_linear(layer)
+    if lin is not None:
+        return linear_low_rank_gate(base, x, xd if dropped else None, lin.weight, A, B, scale, bias=lin.bias, **gate)
+    z = F.linear(xd, A.to(xd.dtype))  # (..., r)
+    return low_rank_gate(base, z, B, scale, bias=_bias(layer), **gate)
+
+
 def lora_forward(layer: LoraLinear, x: torch.Tensor, base: torch.Tensor, gate: dict[str, Any]) -> torch.Tensor:
     """Return the gated output of a peft LoRA (or DoRA, if the adapter uses it) Linear layer."""
     name = _active(layer)
     A, B = layer.lora_A[name].weight, layer.lora_B[name].weight  # (r, d_in), (d_out, r)
     scale = layer.scaling[name]
+    if not layer.use_dora.get(name, False):
+        return _rank_space(layer, x, base, layer.lora_dropout[name], A, B, scale, gate)
     x = x.to(base.dtype)
     xd, dropped = _dropped(layer.lora_dropout[name], x)
-    z = F.linear(xd, A.to(xd.dtype))  # (..., r)
-    if not layer.use_dora.get(name, False):
-        return low_rank_gate(base, z, B, scale, bias=_bias(layer), **gate)
     weight = layer.get_base_layer().weight
     weight_norm = dora_weight_norm(weight, _weight_sq(layer, weight), A, B, scale).to(base.dtype)
-    base_drop = F.linear(xd, weight.to(xd.dtype)) if dropped else None
     magnitude = layer.lora_magnitude_vector[name].weight
+    lin = _frozen_linear(layer)
+    if lin is not None:
+        return linear_dora_gate(
+            base, x, xd if dropped else None, weight, A, B, magnitude, weight_norm, scale, bias=lin.bias, **gate
+        )
+    z = F.linear(xd, A.to(xd.dtype))  # (..., r)
+    base_drop = F.linear(xd, weight.to(xd.dtype)) if dropped else None
     return dora_gate(base, base_drop, z, B, magnitude, weight_norm, scale, bias=_bias(layer), **gate)
 
 
@@ -78,10 +105,7 @@ def adalora_forward(layer: SVDLinear, x: torch.Tensor, base: torch.Tensor, gate:
     name = _active(layer)
     A, E, B = layer.lora_A[name], layer.lora_E[name], layer.lora_B[name]  # (r, d_in), (r, 1), (d_out, r)
     scale = layer.scaling[name] / (layer.ranknum[name] + 1e-5)
-    x = x.to(base.dtype)
-    xd, _ = _dropped(layer.lora_dropout[name], x)
-    z = F.linear(xd, (A * E).to(xd.dtype))
-    return low_rank_gate(base, z, B, scale, bias=_bias(layer), **gate)
+    return _rank_space(layer, x, base, layer.lora_dropout[name], A * E, B, scale, gate)
 
 
 def adapter_forward(layer: ParallelAdapter, x: torch.Tensor, base: torch.Tensor, gate: dict[str, Any]) -> torch.Tensor:

@@ -10,14 +10,27 @@ parallel adapter: :math:`z_i = act(down(dropout(x_i)))`, :math:`B` = up. Then
 so nothing d_out-sized is formed for the gate or saved for backward: the mask is applied to ``z`` and
 the update is one ``addmm`` into the base output. DoRA (:class:`DoraGate`) rescales columns, which is not
 low rank; its column norm :math:`\|W_0 + c B A\|_{row}` is computed without forming :math:`BA`.
+
+For a frozen ``nn.Linear`` base (peft's case) :class:`LinearLowRankGate` and :class:`LinearDoraGate` also
+take ``x`` and ``W0``, so that x's input gradients through ``W0`` and ``A`` share one buffer. The per-token
+rank-space work (:func:`_rank_forward`, :func:`_rank_backward`) runs as Triton kernels on CUDA when they
+are available (:mod:`tspeft.kernels`); these PyTorch functions are the reference.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch.autograd.function import once_differentiable
 
-from .gate import LamFactor, acc_dtype, gate_mask, record_stats, threshold_grad
+from . import kernels
+from .gate import LamFactor, acc_dtype, gate_mask, inside_backward, record_stats, threshold_grad
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Return t in dtype; t itself when it already is (``Tensor.to`` costs a dispatch even then)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _base_norm(base2: torch.Tensor, bias: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor:
@@ -28,7 +41,71 @@ def _base_norm(base2: torch.Tensor, bias: torch.Tensor | None, acc: torch.dtype)
 
 
 def _scale_value(scale: float | torch.Tensor, acc: torch.dtype) -> float | torch.Tensor:
-    return scale.to(acc).reshape(()) if isinstance(scale, torch.Tensor) else float(scale)
+    return _cast(scale, acc).reshape(()) if isinstance(scale, torch.Tensor) else float(scale)
+
+
+def _rank_forward(
+    z2: torch.Tensor,
+    B: torch.Tensor,
+    c: float | torch.Tensor,
+    base_norm: torch.Tensor,
+    threshold: torch.Tensor,
+    real: torch.Tensor | None,
+    stats: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (zw = mask * c * z (N, r) in z's dtype, mask (N,)) and record statistics (Eq. 3 in rank space).
+
+    ||delta_i|| = |c| sqrt(z_i^T (B^T B) z_i); a Triton kernel fuses the per-token part on CUDA.
+    """
+    acc = acc_dtype(z2.dtype)
+    Ba, za = _cast(B, acc), _cast(z2, acc)
+    zg = za @ (Ba.t() @ Ba)  # (N, r): z_i^T B^T B, an (r, r) Gram matrix instead of anything d_out-sized
+    if kernels.enabled(z2):
+        return kernels.gate_forward(z2, zg, base_norm, threshold, c, real, None if inside_backward() else stats)
+    delta_norm = torch.linalg.vecdot(zg, za).clamp_min_(0).sqrt_().mul_(abs(c))  # (N,)
+    mask = gate_mask(delta_norm, base_norm, threshold.detach().to(acc))
+    record_stats(stats, mask, real, delta_norm, base_norm)
+    w = (_cast(mask, acc) * c).to(z2.dtype)  # (N,) mask and scaling in one vector
+    return z2 * w.unsqueeze(-1), mask
+
+
+def _rank_backward(
+    gB: torch.Tensor,
+    z2: torch.Tensor,
+    mask: torch.Tensor,
+    real: torch.Tensor | None,
+    c: float | torch.Tensor,
+    lam: float,
+    lam_factor: LamFactor,
+    need: tuple[bool, bool, bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Return (dz, zw, -g_k, d scale) for gB = g @ B (N, r); `need` says which of the four to compute.
+
+    dz = mask c B^T g (zero on inactive tokens), zw = mask c z (dB = g^T zw), -g_k of Eq. 15 with
+    mu_i = c <B^T g_i, z_i> (Eq. 9), and sum over active tokens of <B^T g_i, z_i> (a tensor scale's gradient).
+    """
+    need_gz, need_zw, need_tau, need_scale = need
+    grad_tau = grad_scale = None
+    if kernels.enabled(gB):
+        gz, zw, sums = kernels.gate_backward(gB, z2, mask, real, c)
+        if need_tau:
+            g_k = sums[0]
+            if lam != 0.0:
+                factor = 1.0 if lam_factor is None else lam_factor()
+                g_k = g_k + (lam * factor) * sums[1]
+            grad_tau = -g_k
+        return gz, zw, grad_tau, sums[2] if need_scale else None
+    dtype, acc = gB.dtype, acc_dtype(gB.dtype)
+    w = (_cast(mask, acc) * c).to(dtype).unsqueeze(-1)  # (N, 1)
+    gz = gB * w if need_gz else None
+    zw = _cast(z2, dtype) * w if need_zw else None
+    if need_tau or need_scale:
+        dot = torch.linalg.vecdot(_cast(gB, acc), _cast(z2, acc))  # (N,): <B^T g_i, z_i> = mu_i / c
+        if need_scale:  # a tensor scale (AdaLoRA's scaling / ranknum) in the graph
+            grad_scale = torch.where(mask, dot, torch.zeros_like(dot)).sum()
+        if need_tau:
+            grad_tau = threshold_grad(dot.mul_(c), mask, real, lam, lam_factor)  # mu, Eq. 9
+    return gz, zw, grad_tau, grad_scale
 
 
 class LowRankGate(torch.autograd.Function):
@@ -39,17 +116,10 @@ class LowRankGate(torch.autograd.Function):
         dtype, acc = base.dtype, acc_dtype(base.dtype)
         base2, z2 = base.view(-1, base.shape[-1]), z.reshape(-1, z.shape[-1])  # (N, d_out), (N, r)
         c = _scale_value(scale, acc)
-        Bc = B.to(dtype)
-        Ba, za = B.to(acc), z2.to(acc)
-        gram = Ba.t() @ Ba  # (r, r)
-        delta_norm = ((za @ gram) * za).sum(-1).clamp_min(0).sqrt() * abs(c)  # (N,)
-        base_norm = _base_norm(base2, bias, acc)
-        mask = gate_mask(delta_norm, base_norm, threshold.detach().to(acc))
-        record_stats(stats, mask, real, delta_norm, base_norm)
-        w = (mask.to(acc) * c).to(dtype)  # (N,) mask and scaling in one vector
-        base2.addmm_(z2 * w.unsqueeze(-1), Bc.t())
+        zw, mask = _rank_forward(z2, B, c, _base_norm(base2, bias, acc), threshold, real, stats)
+        base2.addmm_(_cast(zw, dtype), _cast(B, dtype).t())
         ctx.mark_dirty(base)
-        ctx.save_for_backward(z2, B, w, mask, real, scale if isinstance(scale, torch.Tensor) else None)
+        ctx.save_for_backward(z2, B, mask, real, scale if isinstance(scale, torch.Tensor) else None)
         ctx.c, ctx.lam, ctx.lam_factor = c, lam, lam_factor
         ctx.z_shape, ctx.tau_dtype = z.shape, threshold.dtype
         return base
@@ -57,23 +127,19 @@ class LowRankGate(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        z2, B, w, mask, real, _ = ctx.saved_tensors
+        z2, B, mask, real, scale = ctx.saved_tensors
         g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, d_out)
-        acc = acc_dtype(g.dtype)
         gB = g @ B.to(g.dtype)  # (N, r): B^T g_i, needed by LoRA's backward anyway
-        grad_z = grad_B = grad_tau = grad_scale = None
-        if ctx.needs_input_grad[1]:
-            grad_z = (gB * w.unsqueeze(-1).to(gB.dtype)).view(ctx.z_shape)
-        if ctx.needs_input_grad[2]:
-            grad_B = (g.t() @ (z2.to(g.dtype) * w.unsqueeze(-1).to(g.dtype))).to(B.dtype)
-        if ctx.needs_input_grad[5] or ctx.needs_input_grad[3]:
-            gz = (gB.to(acc) * z2.to(acc)).sum(-1)  # <B^T g_i, z_i>, (N,)
-            if ctx.needs_input_grad[5]:
-                mu = gz * ctx.c  # Eq. 9 in rank space
-                grad_tau = threshold_grad(mu, mask, real, ctx.lam, ctx.lam_factor).reshape(1).to(ctx.tau_dtype)
-            if ctx.needs_input_grad[3]:  # a tensor scale (AdaLoRA's scaling / ranknum) in the graph
-                scale = ctx.saved_tensors[5]
-                grad_scale = torch.where(mask, gz, torch.zeros_like(gz)).sum().reshape(scale.shape).to(scale.dtype)
+        need = ctx.needs_input_grad
+        gz, zw, grad_tau, grad_scale = _rank_backward(
+            gB, z2, mask, real, ctx.c, ctx.lam, ctx.lam_factor, (need[1], need[2], need[5], need[3])
+        )
+        grad_z = None if gz is None else gz.view(ctx.z_shape)
+        grad_B = None if zw is None else (zw.t() @ g).t().to(B.dtype)  # (r, N) @ (N, d_out): the faster order
+        if grad_tau is not None:
+            grad_tau = grad_tau.reshape(1).to(ctx.tau_dtype)
+        if grad_scale is not None:
+            grad_scale = grad_scale.reshape(scale.shape).to(scale.dtype)
         return grad_out, grad_z, grad_B, grad_scale, None, grad_tau, None, None, None, None
 
 
@@ -95,6 +161,90 @@ def low_rank_gate(
     return LowRankGate.apply(base, z, B, scale, bias, threshold, real, float(lam), lam_factor, stats)
 
 
+class LinearLowRankGate(torch.autograd.Function):
+    r""":class:`LowRankGate` with ``z = A xd`` inside, for a frozen ``nn.Linear`` base: x's gradient fused.
+
+    Same numerics contract as ``LowRankGate`` applied to ``base = W0 x + b`` and ``z = A xd``, but the
+    frozen base's and A's input gradients are one buffer: ``dx = g W0`` then ``dx += dz A`` in place
+    (``addmm_``), instead of two d_in-sized products that autograd then adds. ``base`` is the detached
+    value of ``W0 x + b`` (its autograd node is bypassed: W0 and b must not require grad) and is updated
+    in place. ``xd`` is ``dropout(x)`` or None when no dropout applies (then ``xd = x``).
+    Saved for backward: xd (as peft's LoRA saves it for dA), z, the mask; no d_out-sized tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, base, x, xd, weight, A, B, scale, bias, threshold, real, lam, lam_factor, stats):
+        dtype, acc = base.dtype, acc_dtype(base.dtype)
+        base2 = base.view(-1, base.shape[-1])  # (N, d_out)
+        src = x if xd is None else xd
+        src2 = src.reshape(-1, src.shape[-1])  # (N, d_in)
+        z2 = src2 @ _cast(A, dtype).t()  # (N, r)
+        c = _scale_value(scale, acc)
+        zw, mask = _rank_forward(z2, B, c, _base_norm(base2, bias, acc), threshold, real, stats)
+        base2.addmm_(zw, _cast(B, dtype).t())
+        ctx.mark_dirty(base)
+        ctx.save_for_backward(src2, z2, A, B, weight, mask, real)
+        ctx.c, ctx.lam, ctx.lam_factor, ctx.has_drop = c, lam, lam_factor, xd is not None
+        ctx.x_shape, ctx.tau_dtype = x.shape, threshold.dtype
+        if isinstance(scale, torch.Tensor):
+            ctx.scale_shape, ctx.scale_dtype = scale.shape, scale.dtype
+        return base
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        src2, z2, A, B, weight, mask, real = ctx.saved_tensors
+        g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, d_out)
+        dtype = g.dtype
+        need = ctx.needs_input_grad
+        gB = g @ _cast(B, dtype)  # (N, r): B^T g_i, for dz and mu
+        gz, zw, grad_tau, grad_scale = _rank_backward(
+            gB, z2, mask, real, ctx.c, ctx.lam, ctx.lam_factor,
+            (need[1] or need[2] or need[4], need[5], need[8], need[6]),
+        )
+        grads: list[torch.Tensor | None] = [None] * 13
+        if need[1]:
+            grad_x = g @ _cast(weight, dtype)  # (N, d_in): the frozen base's input gradient
+            if not ctx.has_drop:
+                grad_x.addmm_(gz, _cast(A, dtype))  # + A's, in place: one d_in-sized buffer
+            grads[1] = grad_x.view(ctx.x_shape)
+        if ctx.has_drop and need[2]:
+            grads[2] = (gz @ _cast(A, dtype)).view(ctx.x_shape)
+        if need[4]:
+            grads[4] = (gz.t() @ _cast(src2, dtype)).to(A.dtype)  # (r, d_in)
+        if need[5]:
+            grads[5] = (zw.t() @ g).t().to(B.dtype)  # (d_out, r), as (r, N) @ (N, d_out): the faster order
+        if grad_scale is not None:  # a tensor scale that trains (AdaLoRA's ranknum in some peft versions)
+            grads[6] = grad_scale.reshape(ctx.scale_shape).to(ctx.scale_dtype)
+        if grad_tau is not None:
+            grads[8] = grad_tau.reshape(1).to(ctx.tau_dtype)
+        return tuple(grads)
+
+
+def linear_low_rank_gate(
+    base: torch.Tensor,
+    x: torch.Tensor,
+    xd: torch.Tensor | None,
+    weight: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scale: float | torch.Tensor,
+    threshold: torch.Tensor,
+    lam: float,
+    real: torch.Tensor | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    stats: torch.Tensor | None = None,
+    lam_factor: LamFactor = None,
+) -> torch.Tensor:
+    """Return W0 x + b + mask * c * B A xd given base = W0 x + b (frozen W0, b): see LinearLowRankGate."""
+    base = base.detach()
+    base = base if base.is_contiguous() else base.contiguous()
+    return LinearLowRankGate.apply(
+        base, x, xd, weight, A, B, scale, bias, threshold, real, float(lam), lam_factor, stats
+    )
+
+
 @torch.no_grad()
 def dora_weight_norm(
     weight: torch.Tensor,
@@ -109,35 +259,111 @@ def dora_weight_norm(
     precomputed once since W0 is frozen, A (r, d_in), B (d_out, r).
     """
     acc = acc_dtype(A.dtype)
-    Aa, Ba = A.to(acc), B.to(acc)
-    aw = Aa @ weight.to(acc).t()  # (r, d_out)
+    Aa, Ba = _cast(A, acc), _cast(B, acc)
+    aw = Aa @ _cast(weight, acc).t()  # (r, d_out)
     cross = (Ba * aw.t()).sum(-1)  # (d_out,)
     quad = ((Ba @ (Aa @ Aa.t())) * Ba).sum(-1)  # (d_out,)
-    return (weight_sq.to(acc) + 2 * scale * cross + scale * scale * quad).clamp_min(0).sqrt()
+    return (_cast(weight_sq, acc) + 2 * scale * cross + scale * scale * quad).clamp_min(0).sqrt()
+
+
+def _dora_forward(
+    base2: torch.Tensor,
+    bprime: torch.Tensor,
+    z2: torch.Tensor,
+    B: torch.Tensor,
+    sv: torch.Tensor,
+    c: float,
+    base_norm: torch.Tensor,
+    threshold: torch.Tensor,
+    real: torch.Tensor | None,
+    stats: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (out = base + mask * delta (N, d_out), mask (N,)) for DoRA; see :class:`DoraGate`."""
+    dtype, acc = base2.dtype, acc_dtype(base2.dtype)
+    Bs = (_cast(B, acc) * (c * sv).unsqueeze(-1)).to(dtype)  # (d_out, r): c s B
+    delta = bprime * (sv - 1).to(dtype)  # (N, d_out), the one d_out-sized buffer of the forward
+    delta.addmm_(_cast(z2, dtype), Bs.t())  # + s c B z
+    delta_norm = torch.linalg.vector_norm(delta, dim=-1, dtype=acc)
+    mask = gate_mask(delta_norm, base_norm, threshold.detach().to(acc))
+    record_stats(stats, mask, real, delta_norm, base_norm)
+    # out = base + mask * delta, one pass into delta's buffer (a bool-masked where/masked_fill is several
+    # times slower on CPU). As in the rank-space gates, a non-finite delta of an inactive token gives nan.
+    return torch.addcmul(base2, delta, _cast(mask, dtype).unsqueeze(-1), out=delta), mask
+
+
+def _dora_backward(
+    g: torch.Tensor,
+    bprime: Callable[[], torch.Tensor],
+    z2: torch.Tensor,
+    B: torch.Tensor,
+    sv: torch.Tensor,
+    weight_norm: torch.Tensor,
+    mask: torch.Tensor,
+    real: torch.Tensor | None,
+    c: float,
+    lam: float,
+    lam_factor: LamFactor,
+    need: dict[str, bool],
+) -> dict[str, torch.Tensor]:
+    """Return DoRA's gradients named in `need`: base (b' = base - bias), bprime (dropout's b'), z, B, magnitude, tau.
+
+    g (N, d_out); bprime() gives b' when the magnitude or mu need it. base's gradient here includes its
+    pass-through g; bprime's is only the update's, m (s - 1) g.
+    """
+    dtype, acc = g.dtype, acc_dtype(g.dtype)
+    mf = _cast(mask, dtype).unsqueeze(-1)  # (N, 1): products with a float mask, not bool-masked where (slow on CPU)
+    Bs = (_cast(B, acc) * (c * sv).unsqueeze(-1)).to(dtype)  # (d_out, r): c s B
+    gB = g @ Bs  # (N, r): c B^T (s g_i)
+    out: dict[str, torch.Tensor] = {}
+    gm1 = g * (sv - 1).to(dtype) if need.get("base") or need.get("bprime") else None  # (s - 1) g
+    if need.get("base"):  # g + m (s - 1) g
+        out["base"] = torch.addcmul(g, gm1, mf)
+    if need.get("bprime"):
+        out["bprime"] = gm1.mul_(mf)
+    if need.get("z"):
+        out["z"] = gB * mf
+    G = None
+    if need.get("B") or need.get("magnitude"):
+        G = ((_cast(z2, dtype) * mf).t() @ g).t().to(acc)  # (d_out, r): sum_i m_i g_i z_i^T
+    if need.get("B"):
+        out["B"] = G * (c * sv).unsqueeze(-1)
+    if need.get("magnitude") or need.get("tau"):
+        bp = bprime()
+        gb = _cast(g, acc) * _cast(bp, acc)  # (N, d_out): g_i * b'_i, once for the magnitude and for mu
+        if need.get("magnitude"):
+            mag = _cast(mask, acc) @ gb + c * (_cast(B, acc) * G).sum(-1)  # sum_i m_i g_i * (b'_i + c B z_i)
+            out["magnitude"] = mag / _cast(weight_norm, acc)
+        if need.get("tau"):
+            # mu_i = <g_i, (s - 1) b'_i> + <g_i, s c B z_i> = (g_i * b'_i) . (s - 1) + (c B^T (s g_i)) . z_i  (Eq. 9)
+            mu = gb @ (sv - 1) + torch.linalg.vecdot(_cast(gB, acc), _cast(z2, acc))
+            out["tau"] = threshold_grad(mu, mask, real, lam, lam_factor)
+    return out
 
 
 class DoraGate(torch.autograd.Function):
     r"""DoRA's update :math:`delta = (m/\|W'\| - 1) \odot b' + (m/\|W'\|) \odot c B z`, gated per token.
 
     b' is W0 dropout(x) without bias (`base_drop`), or base - bias when there is no dropout. Saved for
-    backward: b' (or base), z, the mask; c B z is recomputed (N r d_out flops) instead of being stored.
+    backward: b' (or base), z, the mask; nothing else d_out-sized. With :math:`s = m/\|W'\|` (d_out,) folded
+    into B's rows (:math:`B_s = c\, s \odot B`, d_out x r), every per-token product that involves B stays
+    in rank space: :math:`delta = (s - 1) \odot b' + B_s z`, :math:`dz = B_s^T g`,
+    :math:`dB = c\, s \odot G`, and the magnitude's gradient :math:`(\sum_i mask_i\, g_i \odot b'_i + c
+    \sum_k B_{jk} G_{jk}) / \|W'\|` with :math:`G = g^T (mask \odot z)` (d_out x r); the products
+    :math:`g_i \odot b'_i` are formed once for the magnitude and mu.
     """
 
     @staticmethod
     def forward(ctx, base, base_drop, z, B, magnitude, weight_norm, scale, bias, threshold, real, lam, lam_factor, stats):
-        dtype, acc = base.dtype, acc_dtype(base.dtype)
+        acc = acc_dtype(base.dtype)
         d_out = base.shape[-1]
         base2, z2 = base.reshape(-1, d_out), z.reshape(-1, z.shape[-1])
         bprime = _bprime(base2, base_drop, bias)
-        sv = (magnitude.to(acc) / weight_norm.to(acc)).to(dtype)  # (d_out,)
-        lz = (z2 @ B.to(dtype).t()) * scale  # (N, d_out)
-        delta = (sv - 1) * bprime + sv * lz
-        delta_norm = torch.linalg.vector_norm(delta, dim=-1, dtype=acc)
-        base_norm = _base_norm(base2, bias, acc)
-        mask = gate_mask(delta_norm, base_norm, threshold.detach().to(acc))
-        record_stats(stats, mask, real, delta_norm, base_norm)
-        out = torch.where(mask.unsqueeze(-1), base2 + delta, base2)
-        ctx.save_for_backward(base2 if base_drop is None else base_drop.reshape(-1, d_out), z2, B, sv, weight_norm, mask, real, bias)
+        sv = _cast(magnitude, acc) / _cast(weight_norm, acc)  # (d_out,)
+        base_norm = (
+            torch.linalg.vector_norm(bprime, dim=-1, dtype=acc) if base_drop is None else _base_norm(base2, bias, acc)
+        )
+        out, mask = _dora_forward(base2, bprime, z2, B, sv, float(scale), base_norm, threshold, real, stats)
+        ctx.save_for_backward(base2 if base_drop is None else bprime, z2, B, sv, weight_norm, mask, real, bias)
         ctx.has_drop, ctx.scale, ctx.lam, ctx.lam_factor = base_drop is not None, float(scale), lam, lam_factor
         ctx.shapes, ctx.tau_dtype, ctx.mag_dtype = (base.shape, z.shape), threshold.dtype, magnitude.dtype
         return out.view(base.shape)
@@ -147,29 +373,115 @@ class DoraGate(torch.autograd.Function):
     def backward(ctx, grad_out):
         saved, z2, B, sv, weight_norm, mask, real, bias = ctx.saved_tensors
         base_shape, z_shape = ctx.shapes
-        g = grad_out.reshape(-1, grad_out.shape[-1])
-        acc, c = acc_dtype(g.dtype), ctx.scale
-        bprime = saved if ctx.has_drop else _bprime(saved, None, bias)
-        gm = torch.where(mask.unsqueeze(-1), g, torch.zeros_like(g))  # masked incoming gradient
-        lz = (z2 @ B.to(g.dtype).t()) * c
-        gs = g * sv  # (N, d_out)
-        gB = gs @ B.to(g.dtype)  # (N, r)
-        grads = [None] * 13
-        if ctx.needs_input_grad[0]:
-            grads[0] = grad_out if ctx.has_drop else (g + gm * (sv - 1)).view(base_shape)
-        if ctx.needs_input_grad[1]:
-            grads[1] = (gm * (sv - 1)).view(base_shape)
-        if ctx.needs_input_grad[2]:
-            grads[2] = (gB * (mask.to(gB.dtype) * c).unsqueeze(-1)).view(z_shape)
-        if ctx.needs_input_grad[3]:
-            grads[3] = (c * (gm * sv).t() @ z2.to(g.dtype)).to(B.dtype)
-        if ctx.needs_input_grad[4]:
-            grads[4] = ((gm.to(acc) * (bprime + lz).to(acc)).sum(0) / weight_norm.to(acc)).to(ctx.mag_dtype)
-        if ctx.needs_input_grad[8]:
-            # mu_i = <g_i, (sv - 1) b'_i + sv c B z_i> = <g_i, (sv - 1) b'_i> + c <(g_i sv) B, z_i>   (Eq. 9)
-            mu = (g.to(acc) * ((sv - 1) * bprime).to(acc)).sum(-1) + c * (gB.to(acc) * z2.to(acc)).sum(-1)
-            grads[8] = threshold_grad(mu, mask, real, ctx.lam, ctx.lam_factor).reshape(1).to(ctx.tau_dtype)
+        g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, d_out)
+        need = ctx.needs_input_grad
+        r = _dora_backward(
+            g, lambda: saved if ctx.has_drop else _bprime(saved, None, bias), z2, B, sv, weight_norm, mask, real,
+            ctx.scale, ctx.lam, ctx.lam_factor,
+            {"base": need[0] and not ctx.has_drop, "bprime": need[1], "z": need[2], "B": need[3],
+             "magnitude": need[4], "tau": need[8]},
+        )
+        grads: list[torch.Tensor | None] = [None] * 13
+        if need[0]:
+            grads[0] = grad_out if ctx.has_drop else r["base"].view(base_shape)
+        if need[1]:
+            grads[1] = r["bprime"].view(base_shape)
+        if need[2]:
+            grads[2] = r["z"].view(z_shape)
+        if need[3]:
+            grads[3] = r["B"].to(B.dtype)
+        if need[4]:
+            grads[4] = r["magnitude"].to(ctx.mag_dtype)
+        if need[8]:
+            grads[8] = r["tau"].reshape(1).to(ctx.tau_dtype)
         return tuple(grads)
+
+
+class LinearDoraGate(torch.autograd.Function):
+    """:class:`DoraGate` with ``z = A xd`` (and ``b' = W0 xd`` under dropout) inside, for a frozen ``nn.Linear``.
+
+    As :class:`LinearLowRankGate`, x's input gradients through W0 and A share one buffer (``addmm_``);
+    ``base`` is the detached value of ``W0 x + b`` (W0 and b must not require grad). ``xd`` is
+    ``dropout(x)``, or None when no dropout applies.
+    """
+
+    @staticmethod
+    def forward(ctx, base, x, xd, weight, A, B, magnitude, weight_norm, scale, bias, threshold, real, lam, lam_factor, stats):
+        dtype, acc = base.dtype, acc_dtype(base.dtype)
+        base2 = base.view(-1, base.shape[-1])  # (N, d_out)
+        src = x if xd is None else xd
+        src2 = src.reshape(-1, src.shape[-1])  # (N, d_in)
+        z2 = src2 @ _cast(A, dtype).t()  # (N, r)
+        if xd is None:
+            bprime = _bprime(base2, None, bias)
+            base_norm = torch.linalg.vector_norm(bprime, dim=-1, dtype=acc)
+        else:
+            bprime = src2 @ _cast(weight, dtype).t()  # W0 dropout(x), as peft's DoRA computes it
+            base_norm = _base_norm(base2, bias, acc)
+        sv = _cast(magnitude, acc) / _cast(weight_norm, acc)  # (d_out,)
+        out, mask = _dora_forward(base2, bprime, z2, B, sv, float(scale), base_norm, threshold, real, stats)
+        ctx.save_for_backward(base2 if xd is None else bprime, src2, z2, A, B, weight, sv, weight_norm, mask, real, bias)
+        ctx.has_drop, ctx.scale, ctx.lam, ctx.lam_factor = xd is not None, float(scale), lam, lam_factor
+        ctx.x_shape, ctx.tau_dtype, ctx.mag_dtype = x.shape, threshold.dtype, magnitude.dtype
+        return out.view(base.shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        saved, src2, z2, A, B, weight, sv, weight_norm, mask, real, bias = ctx.saved_tensors
+        g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, d_out)
+        dtype, need, drop = g.dtype, ctx.needs_input_grad, ctx.has_drop
+        r = _dora_backward(
+            g, lambda: saved if drop else _bprime(saved, None, bias), z2, B, sv, weight_norm, mask, real,
+            ctx.scale, ctx.lam, ctx.lam_factor,
+            {"base": need[1] and not drop, "bprime": need[2] and drop, "z": need[1] or need[2] or need[4],
+             "B": need[5], "magnitude": need[6], "tau": need[10]},
+        )
+        W, Ad = _cast(weight, dtype), _cast(A, dtype)
+        grads: list[torch.Tensor | None] = [None] * 15
+        if need[1]:
+            grad_x = (g if drop else r["base"]) @ W  # (N, d_in): through the frozen base (and b' = base - bias)
+            if not drop:
+                grad_x.addmm_(r["z"], Ad)  # + A's, in place
+            grads[1] = grad_x.view(ctx.x_shape)
+        if drop and need[2]:
+            grad_xd = r["bprime"] @ W  # through b' = W0 dropout(x)
+            grads[2] = grad_xd.addmm_(r["z"], Ad).view(ctx.x_shape)
+        if need[4]:
+            grads[4] = (r["z"].t() @ _cast(src2, dtype)).to(A.dtype)  # (r, d_in)
+        if need[5]:
+            grads[5] = r["B"].to(B.dtype)
+        if need[6]:
+            grads[6] = r["magnitude"].to(ctx.mag_dtype)
+        if need[10]:
+            grads[10] = r["tau"].reshape(1).to(ctx.tau_dtype)
+        return tuple(grads)
+
+
+def linear_dora_gate(
+    base: torch.Tensor,
+    x: torch.Tensor,
+    xd: torch.Tensor | None,
+    weight: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    magnitude: torch.Tensor,
+    weight_norm: torch.Tensor,
+    scale: float,
+    threshold: torch.Tensor,
+    lam: float,
+    real: torch.Tensor | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    stats: torch.Tensor | None = None,
+    lam_factor: LamFactor = None,
+) -> torch.Tensor:
+    """Return base + mask * delta_DoRA given base = W0 x + b (frozen W0, b): see LinearDoraGate."""
+    base = base.detach()
+    base = base if base.is_contiguous() else base.contiguous()
+    return LinearDoraGate.apply(
+        base, x, xd, weight, A, B, magnitude, weight_norm, scale, bias, threshold, real, float(lam), lam_factor, stats
+    )
 
 
 def _bprime(base2: torch.Tensor, base_drop: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:

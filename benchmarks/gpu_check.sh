@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# GPU check for one CUDA GPU (written for an H200), no network, nothing to download: about 5 minutes;
+# the time limits below add up to 9 minutes 30.
+#
+#   bash benchmarks/gpu_check.sh            # from the repository root; results in $OUT (default ./gpu_out)
+#
+# `python` must have torch (CUDA), transformers, peft and triton; the repository is put on PYTHONPATH.
+#  1. the Triton kernels against the PyTorch reference (tests/test_kernels.py), and the benchmark's tests;
+#  2. the GPU benchmark with the PyTorch path for the TS rows (TSPEFT_KERNELS=0): bench_gpu_pytorch.{json,txt};
+#  3. the GPU benchmark with the automatic choice (Triton kernels when they import): bench_gpu.{json,txt}.
+# Each step has its own time limit; a failed step is reported and the next one still runs.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu_out}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+unset TRITON_INTERPRET
+status=0
+
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep its output in $OUT/NAME.log
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (limit ${limit}s): $*"
+  local t0=$SECONDS
+  timeout --signal=INT --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  local rc=${PIPESTATUS[0]}
+  echo "== $name: exit $rc after $((SECONDS - t0))s"
+  [ "$rc" -eq 0 ] || status=1
+}
+
+python - > "$OUT/env.txt" 2>&1 <<'EOF'
+import platform, torch, transformers, peft
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
+      "transformers", transformers.__version__, "peft", peft.__version__)
+try:
+    import triton
+    print("triton", triton.__version__)
+except Exception as e:
+    print("triton: not importable:", e)
+print("device:", torch.cuda.get_device_name() if torch.cuda.is_available() else "NO CUDA DEVICE")
+EOF
+cat "$OUT/env.txt"
+
+step tests 150 python -m pytest tests/test_kernels.py tests/test_bench.py -q -p no:cacheprovider -x
+TSPEFT_KERNELS=0 step bench_pytorch 200 python benchmarks/step.py --device cuda --preset llama8b-4layers \
+  --json "$OUT/bench_gpu_pytorch.json" --table "$OUT/bench_gpu_pytorch.txt"
+step bench 200 python benchmarks/step.py --device cuda --preset llama8b-4layers \
+  --json "$OUT/bench_gpu.json" --table "$OUT/bench_gpu.txt"
+
+echo "results in $OUT:"
+ls -l "$OUT"
+exit $status

@@ -1,0 +1,103 @@
+"""The benchmark (tiny preset: schema and rows, never seconds) and the fused speed paths it measures."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import batch, tiny_llama, with_adapter
+
+import tspeft
+from tspeft import bench
+
+ROWS = [
+    "frozen base (floor)",
+    "peft LoRA", "TS-LoRA tau=0", "TS-LoRA ~50% active",
+    "peft DoRA", "TS-DoRA tau=0", "TS-DoRA ~50% active",
+    "peft AdaLoRA", "TS-AdaLoRA tau=0", "TS-AdaLoRA ~50% active",
+    "parallel adapter", "TS-Adapter tau=0", "TS-Adapter ~50% active",
+]
+
+
+def test_tiny_benchmark_json_has_every_row(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    table = tmp_path / "bench.txt"
+    argv = ["--preset", "tiny", "--repeats", "2", "--warmup", "1", "--calibration-iters", "5", "--quiet", "--threads", "1",
+            "--json", str(out), "--table", str(table)]
+    assert bench.main(argv) == 0
+    printed = capsys.readouterr().out
+    rows = json.loads(out.read_text())
+    assert isinstance(rows, list) and [r["name"] for r in rows] == ROWS
+    assert table.read_text().strip() == printed.strip()
+    for r in rows:
+        for key in ("name", "ms", "peak_mib", "ratio_to_dense", "ratio_to_floor", "saved_mib", "sparsity",
+                    "device", "dtype", "shapes", "peak_mib_meaning", "ms_runs", "cpu_ms"):
+            assert key in r, (r["name"], key)
+        assert r["device"] == "cpu" and r["dtype"] == "float32" and r["preset"] == "tiny"
+        assert r["ms"] > 0 and len(r["ms_runs"]) == 2 and r["peak_mib"] > 0 and r["saved_mib"] >= 0
+        assert r["name"] in printed
+        if r["ts"]:
+            assert r["ratio_to_dense"] > 0 and r["mem_ratio_to_dense"] > 0
+            f = r["flops"]
+            assert f["impl_skip_gflop"] == 0.0
+            assert f["bound_skip_gflop"] == pytest.approx(3 * f["gate_needs_gflop"])
+            assert f["adapter_gflop"] >= f["bound_skip_gflop"] >= f["achievable_skip_gflop"] >= 0
+        else:
+            assert r["ratio_to_dense"] is None and r["flops"] is None
+    sp = {r["name"]: r["sparsity"] for r in rows}
+    for kind in ("LoRA", "DoRA", "AdaLoRA", "Adapter"):
+        assert sp[f"TS-{kind} tau=0"] == 0.0
+        assert 0.2 < sp[f"TS-{kind} ~50% active"] < 0.8  # calibrated thresholds: about half the tokens
+
+
+def test_live_storage_tracker_counts_allocations_and_frees():
+    tracker = bench.LiveStorageBytes()
+    with tracker:
+        a = torch.empty(1000, dtype=torch.float32)  # 4000 bytes
+        b = a.view(10, 100)  # a view: no new storage
+        c = torch.empty(500, dtype=torch.float64)  # 4000 bytes
+        del a, b, c
+        d = torch.empty(250, dtype=torch.float32)  # 1000 bytes, after the frees
+    assert tracker.peak == 8000
+    assert tracker.live == 1000
+    del d
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "adalora"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_paths_equal_unfused_paths_fp64(method, dropout, monkeypatch):
+    """The fused gates (x's gradient shared through W0 and A) against the plain rank-space / DoRA gates."""
+    dense = with_adapter(tiny_llama(dtype=torch.float64), "llama", method, dropout=dropout)
+    fused = tspeft.enable(copy.deepcopy(dense), tspeft.TSConfig(lam=1e-2))
+    plain = tspeft.enable(copy.deepcopy(dense), tspeft.TSConfig(lam=1e-2))
+    data = batch("llama", pad=3)
+    with torch.no_grad():
+        fused.eval()(**data)  # thresholds around each module's mean ratio: partly active
+    ratio = {n: v["ratio_mean"] for n, v in tspeft.module_stats(fused).items()}
+    taus = {n: 0.0 if i % 4 == 0 else ratio[n] * (0.7 + 0.2 * (i % 4)) for i, n in enumerate(ratio)}
+    results = []
+    for model, unfused in ((fused, False), (plain, True)):
+        if unfused:
+            monkeypatch.setattr("tspeft.layers._frozen_linear", lambda layer: None)
+        with torch.no_grad():
+            for n, t in tspeft.threshold_parameters(model).items():
+                t.fill_(taus[n])
+        tspeft.reset_stats(model)
+        model.train()
+        torch.manual_seed(7)  # same dropout masks
+        out = model(**data)
+        out.loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out.logits.detach(), grads, tspeft.module_stats(model)))
+        monkeypatch.undo()
+    (l0, g0, s0), (l1, g1, s1) = results
+    torch.testing.assert_close(l0, l1, rtol=1e-10, atol=1e-10)
+    assert g0.keys() == g1.keys() and any(n.endswith("ts_threshold") for n in g0)
+    for n in g0:
+        tol = 1e-6 if g0[n].dtype == torch.float32 else 1e-9
+        torch.testing.assert_close(g0[n], g1[n], rtol=tol, atol=tol, msg=lambda m, n=n: f"{n}: {m}")
+    assert 0 < sum(v["active"] for v in s0.values()) < sum(v["tokens"] for v in s0.values())
+    for name in s0:
+        assert s0[name]["active"] == s1[name]["active"] and s0[name]["tokens"] == s1[name]["tokens"]
