@@ -216,3 +216,13 @@ def test_disable_restores_the_dense_model():
     assert not tspeft.is_enabled(model)
     assert not any("ts_threshold" in n for n, _ in model.named_parameters())
     torch.testing.assert_close(model(**data).logits, before)
+
+
+def test_a_deepcopy_of_an_enabled_model_uses_its_own_padding_mask():
+    model = tspeft.enable(with_adapter(tiny_llama(), "llama", "lora"), tspeft.TSConfig())
+    twin = copy.deepcopy(model)
+    data = batch("llama", b=3, t=10, pad=3)
+    twin(input_ids=data["input_ids"], attention_mask=data["attention_mask"])
+    assert tspeft.controller(model).token_mask is None
+    tokens = {v["tokens"] for v in tspeft.module_stats(twin).values()}
+    assert tokens == {int(data["attention_mask"].sum())}

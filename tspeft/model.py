@@ -192,6 +192,7 @@ def enable(model: nn.Module, config: TSConfig | None = None) -> nn.Module:
 
     inner = model.get_base_model() if isinstance(model, PeftModel) else model
     for mod in dict.fromkeys([model, inner]):
+        mod._ts_mask_ctrl = ctrl  # the hook finds the controller through the module: right for a deepcopy too
         ctrl.hook_handles.append(mod.register_forward_pre_hook(_capture_attention_mask(model, mod), with_kwargs=True))
     _wrap_save(model)
     return model
@@ -208,6 +209,9 @@ def disable(model: nn.Module) -> nn.Module:
         del mod._ts_ctrl
     for handle in ctrl.hook_handles:
         handle.remove()
+    for mod in model.modules():
+        if "_ts_mask_ctrl" in mod.__dict__:
+            del mod._ts_mask_ctrl
     cls = type(model)
     if getattr(cls, "_ts_wrapped", False):
         model.__class__ = cls.__mro__[1]
@@ -243,7 +247,7 @@ def _capture_attention_mask(model: nn.Module, module: nn.Module):
             value = args[params.index(name)]
         return value
 
-    def hook(_: nn.Module, args: tuple, kwargs: dict) -> None:
+    def hook(hooked: nn.Module, args: tuple, kwargs: dict) -> None:
         mask = _as_token_mask(argument("attention_mask", args, kwargs))
         ids, embeds = argument("input_ids", args, kwargs), argument("inputs_embeds", args, kwargs)
         what, tokens = ("input_ids", ids.shape) if isinstance(ids, torch.Tensor) else ("inputs_embeds", None)
@@ -254,7 +258,7 @@ def _capture_attention_mask(model: nn.Module, module: nn.Module):
             _check_tokens(tuple(tokens), what, mask, cached)
             if mask is not None and mask.shape[-1] > tokens[-1]:  # KV cache: the new tokens are the mask's last
                 mask = mask[..., -tokens[-1]:]
-        model._tspeft.token_mask = mask
+        hooked._ts_mask_ctrl.token_mask = mask
 
     return hook
 
