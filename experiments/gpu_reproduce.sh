@@ -5,11 +5,11 @@
 # Two steps:
 #   1. here, once (needs the project's .venv with the bundled packages installed):
 #        bash experiments/gpu_reproduce.sh prepare
-#      copies the bundled data (BoolQ, SST-2) and MiniLM into .gpu_carry/ (git-ignored through
-#      .git/info/exclude). MiniLM's weights are stored in fp16 to fit the 64 MiB a device call may carry
-#      (91 MB in fp32); they are loaded back as fp32, so results differ from the CPU's in the 4th digit.
+#      copies the bundled data (BoolQ, SST-2) and MiniLM into .gpu_carry/ (git-ignored), a small folder
+#      to copy to the GPU machine. MiniLM's weights are stored in fp16 to keep it under 64 MiB (91 MB in
+#      fp32); they are loaded back as fp32, so results differ from the CPU's in the 4th digit.
 #   2. on the GPU machine (torch, transformers, peft, accelerate, pyarrow and matplotlib preinstalled):
-#        bash experiments/gpu_reproduce.sh              # device tool: carry=[".gpu_carry"], timeout_s=600
+#        bash experiments/gpu_reproduce.sh              # with .gpu_carry/ copied beside the checkout
 #      writes to $OUT (default runs/gpu-out): results.md, results/results.json, results/*.png, shards.log.
 #
 # SHARDS processes (default 6) share the runs: MiniLM leaves the GPU mostly idle, so runs in parallel are
@@ -55,7 +55,7 @@ for rel in ("boolq/none/validation", "glue/sst2/validation"):
 print(f"fp16 weights: largest |w| {largest:.3g}, largest relative rounding error {err:.2g} (|w| >= 1e-3)")
 EOF
   du -sh "$CARRY"
-  echo "carry $CARRY with the device call: run(command='bash experiments/gpu_reproduce.sh', carry=['$CARRY'])"
+  echo "copy $CARRY to the GPU machine beside the checkout, then run: bash experiments/gpu_reproduce.sh"
   exit 0
 fi
 
