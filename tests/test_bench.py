@@ -40,6 +40,8 @@ def test_tiny_benchmark_json_has_every_row(tmp_path, capsys):
         assert r["name"] in printed
         if r["ts"]:
             assert r["ratio_to_dense"] > 0 and r["mem_ratio_to_dense"] > 0
+            lo, hi = r["ratio_to_dense_ci95"]
+            assert lo <= r["ratio_to_dense"] <= hi
             f = r["flops"]
             assert f["impl_skip_gflop"] == 0.0
             assert f["bound_skip_gflop"] == pytest.approx(3 * f["gate_needs_gflop"])
@@ -50,6 +52,15 @@ def test_tiny_benchmark_json_has_every_row(tmp_path, capsys):
     for kind in ("LoRA", "DoRA", "AdaLoRA", "Adapter"):
         assert sp[f"TS-{kind} tau=0"] == 0.0
         assert 0.2 < sp[f"TS-{kind} ~50% active"] < 0.8  # calibrated thresholds: about half the tokens
+
+
+def test_paired_ratio_and_its_bootstrap_interval():
+    ref = [100.0, 200.0, 100.0, 100.0, 300.0]
+    times = [99.0, 210.0, 95.0, 101.0, 270.0]  # ratios .99, 1.05, .95, 1.01, .90: median .99
+    assert bench._paired_ratio(times, ref) == pytest.approx(0.99)
+    lo, hi = bench._paired_ratio_ci(times, ref)
+    assert 0.90 <= lo <= 0.99 <= hi <= 1.05 and lo < hi
+    assert bench._paired_ratio_ci([2.0] * 4, [1.0] * 4) == [2.0, 2.0]
 
 
 def test_live_storage_tracker_counts_allocations_and_frees():

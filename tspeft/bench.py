@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gc
 import json
 import statistics
@@ -405,10 +406,16 @@ def run(
     seed: int = 0,
     memory: bool = True,
     calibration_iters: int = 12,
+    dropout: float | None = None,
     log: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Return the benchmark rows (dicts: name, ms, peak_mib, ratio_to_dense, ...) for one preset."""
+    """Return the benchmark rows (dicts: name, ms, peak_mib, ratio_to_dense, ...) for one preset.
+
+    dropout: the adapters' dropout probability instead of the preset's (None: the preset's).
+    """
     p = PRESETS[preset] if isinstance(preset, str) else preset
+    if dropout is not None:
+        p = dataclasses.replace(p, dropout=dropout)
     preset_name = preset if isinstance(preset, str) else "custom"
     say = log or (lambda s: None)
     tokens = p.batch * p.seq
@@ -481,6 +488,17 @@ def _paired_ratio(times: list[float], ref: list[float]) -> float:
     return statistics.median(t / r for t, r in zip(times, ref))
 
 
+def _paired_ratio_ci(times: list[float], ref: list[float], level: float = 0.95, draws: int = 2000) -> list[float]:
+    """Return a bootstrap interval [lo, hi] of :func:`_paired_ratio` (rounds resampled; fixed seed)."""
+    import random
+
+    ratios = [t / r for t, r in zip(times, ref)]
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(draws))
+    tail = (1.0 - level) / 2
+    return [medians[int(tail * (draws - 1))], medians[int((1.0 - tail) * (draws - 1))]]
+
+
 def _assemble(rows: list[Row], p: Preset, preset_name: str, device: str, repeats: int, warmup: int,
               lam: float, active: float) -> list[dict[str, Any]]:
     import peft
@@ -505,6 +523,7 @@ def _assemble(rows: list[Row], p: Preset, preset_name: str, device: str, repeats
             "name": row.name, "kind": row.kind, "ts": row.ts, "setting": row.setting,
             "ms": ms[row.name], "ms_runs": row.times,
             "ratio_to_dense": _paired_ratio(row.times, dense.times) if dense is not None else None,
+            "ratio_to_dense_ci95": _paired_ratio_ci(row.times, dense.times) if dense is not None else None,
             "ratio_to_floor": _paired_ratio(row.times, rows[0].times),
             "cpu_ms": statistics.median(row.cpu_times) if cpu else None,
             "cpu_ratio_to_dense": _paired_ratio(row.cpu_times, dense.cpu_times) if cpu and dense is not None else None,
@@ -552,17 +571,19 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         f"{sh['batch']}x{sh['seq']} tokens, r={sh['r']} on {','.join(sh['targets'])}, dropout {sh['dropout']}",
         f"torch {r0['torch']}, transformers {r0['transformers']}, peft {r0['peft']}, {r0['threads']} threads; "
         f"forward+backward, median of {r0['repeats']} rounds after {r0['warmup']} warm-up, each round runs every row",
-        "x dense / x floor: median over rounds of the time ratio within a round"
+        "x dense / x floor: median over rounds of the time ratio within a round; 95% CI: bootstrap over rounds"
         + ("; cpu = process CPU time (robust to other processes on shared cores)" if cpu else ""),
         r0["peak_mib_meaning"] + "; saved = activations saved for backward (saved-tensor hooks, weights excluded)",
         f"TS rows' rank-space gate: {r0['ts_path']}",
         "",
     ]
-    header = ["row", "ms", "x dense", "x floor"] + (["cpu ms", "cpu x dense"] if cpu else [])
+    header = ["row", "ms", "x dense", "95% CI", "x floor"] + (["cpu ms", "cpu x dense"] if cpu else [])
     header += ["peak MiB", "mem x dense", "saved MiB", "sparsity"]
     lines = []
     for r in rows:
-        line = [r["name"], f"{r['ms']:.1f}", _fmt(r["ratio_to_dense"], ".3f"), f"{r['ratio_to_floor']:.3f}"]
+        ci = r.get("ratio_to_dense_ci95")
+        ci_text = "-" if ci is None else f"{ci[0]:.3f}-{ci[1]:.3f}"
+        line = [r["name"], f"{r['ms']:.1f}", _fmt(r["ratio_to_dense"], ".3f"), ci_text, f"{r['ratio_to_floor']:.3f}"]
         if cpu:
             line += [f"{r['cpu_ms']:.1f}", _fmt(r["cpu_ratio_to_dense"], ".3f")]
         line += [_fmt(r["peak_mib"], ".1f"), _fmt(r["mem_ratio_to_dense"], ".4f"), _fmt(r["saved_mib"], ".1f"),
@@ -601,6 +622,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per row first")
     ap.add_argument("--active", type=float, default=0.5, help="fraction of active tokens for the calibrated rows")
     ap.add_argument("--calibration-iters", type=int, default=12, help="bisection passes for the thresholds")
+    ap.add_argument("--dropout", type=float, default=None, help="adapter dropout instead of the preset's")
     ap.add_argument("--lam", type=float, default=1e-5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
@@ -625,7 +647,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(a.threads)
     try:
         rows = run(a.preset, a.device, kinds=kinds, repeats=a.repeats, warmup=a.warmup, active=a.active, lam=a.lam,
-                   seed=a.seed, memory=not a.no_memory, calibration_iters=a.calibration_iters, log=log)
+                   seed=a.seed, memory=not a.no_memory, calibration_iters=a.calibration_iters,
+                   dropout=a.dropout, log=log)
     finally:
         torch.set_num_threads(threads)
     table = format_table(rows)

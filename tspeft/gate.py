@@ -31,7 +31,7 @@ LamFactor = Callable[[], "float | torch.Tensor"] | None
 def gate_mask(delta_norm: torch.Tensor, base_norm: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     """Return mask_i = ||delta_i|| >= threshold * ||base_i|| (Eq. 3), all true where threshold <= 0."""
     # (N,) fp32 norms; threshold (1,). `threshold <= 0` also covers -inf * 0 = nan for zero base rows.
-    return (delta_norm >= threshold * base_norm) | (threshold <= 0)
+    return (delta_norm >= threshold * base_norm).logical_or_(threshold <= 0)
 
 
 def threshold_grad(
@@ -44,16 +44,20 @@ def threshold_grad(
     """Return -g_k of Eq. 15 (a 0-d fp32 tensor) from per-token mu (N,), mask (N,) and real (N,) or None."""
     # a non-finite mu (NaN/inf loss or gradient) must reach g_k so that the optimizer skips the step: NaN
     # compares false, so an active token with mu = NaN or -inf would otherwise drop out of the sum silently
-    consistent = ((mu >= 0) == mask) | ~torch.isfinite(mu)
+    consistent = (mu >= 0).eq_(mask).logical_or_(~torch.isfinite(mu))
     active = mask
     if real is not None:
-        consistent = consistent & real
+        consistent.logical_and_(real)
         active = active & real
-    g_k = torch.where(consistent, mu, torch.zeros_like(mu)).sum()
+    g_k = torch.where(consistent, mu, 0.0).sum()
     if lam != 0.0:
         factor = 1.0 if lam_factor is None else lam_factor()
-        g_k = g_k + (lam * factor) * active.sum(dtype=mu.dtype)
-    return -g_k
+        count = active.sum(dtype=mu.dtype)
+        if isinstance(factor, torch.Tensor):
+            g_k = g_k + (lam * factor) * count
+        else:
+            g_k.add_(count, alpha=lam * factor)
+    return g_k.neg_()
 
 
 def inside_backward() -> bool:
@@ -71,14 +75,13 @@ def record_stats(
     """Add [active, real, sum ratio, sum ||delta||] of real tokens to `stats` (4,) in place, on device."""
     if stats is None or inside_backward():
         return  # a checkpoint's recompute must not count the same tokens twice
-    w = torch.ones_like(delta_norm) if real is None else real.to(delta_norm.dtype)
     # ratio for statistics: a zero base row gives +inf in Eq. 3; clamp so that means stay finite
     ratio = delta_norm / base_norm.clamp_min(torch.finfo(base_norm.dtype).tiny)
-    ratio = torch.nan_to_num(ratio, nan=0.0, posinf=torch.finfo(ratio.dtype).max)
-    row = torch.stack(
-        [(mask.to(w.dtype) * w).sum(), w.sum(), (ratio * w).sum(), (delta_norm * w).sum()]
-    )
-    stats.add_(row.to(stats.dtype))
+    ratio = torch.nan_to_num_(ratio, nan=0.0, posinf=torch.finfo(ratio.dtype).max)
+    w = torch.ones_like(delta_norm) if real is None else real.to(delta_norm.dtype)
+    # one (4, N) @ (N,) product: [sum mask w, sum w (w is 0/1), sum ratio w, sum ||delta|| w]
+    cols = torch.stack([mask.to(w.dtype), w, ratio, delta_norm])
+    stats.add_(cols @ w)
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -99,7 +102,7 @@ class TokenGate(torch.autograd.Function):
         acc = acc_dtype(base.dtype)
         base_norm = torch.linalg.vector_norm(base2, dim=-1, dtype=acc)
         delta_norm = torch.linalg.vector_norm(delta2, dim=-1, dtype=acc)
-        mask = gate_mask(delta_norm, base_norm, threshold.detach().to(acc))  # (N,)
+        mask = gate_mask(delta_norm, base_norm, threshold.to(acc))  # (N,); in forward: nothing to detach from
         record_stats(stats, mask, real, delta_norm, base_norm)
         # where, not base + mask * delta: an inactive token equals base exactly even if delta is inf/nan
         out = torch.where(mask.unsqueeze(-1), base2 + delta2, base2)

@@ -40,6 +40,15 @@ def _dropped(dropout: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return dropout(x), True
 
 
+def _plain_dropout_p(dropout: nn.Module) -> float | None:
+    """Return the probability the fused gate applies for `dropout` (0.0: none), or None for another module."""
+    if isinstance(dropout, nn.Identity):
+        return 0.0
+    if type(dropout) is not nn.Dropout or dropout.inplace or not 0.0 <= dropout.p < 1.0:
+        return None
+    return float(dropout.p) if dropout.training else 0.0
+
+
 def _bias(layer: nn.Module) -> torch.Tensor | None:
     return getattr(layer.get_base_layer(), "bias", None)
 
@@ -58,10 +67,11 @@ def _rank_space(
 ) -> torch.Tensor:
     """Return base + mask * c B A dropout(x): fused with the frozen base's backward when it can be."""
     x = x.to(base.dtype)
-    xd, dropped = _dropped(dropout, x)
     lin = _frozen_linear(layer)
-    if lin is not None:
-        return linear_low_rank_gate(base, x, xd if dropped else None, lin.weight, A, B, scale, bias=lin.bias, **gate)
+    p = _plain_dropout_p(dropout)
+    if lin is not None and p is not None:  # dropout drawn inside the fused gate, dropout(x) not kept
+        return linear_low_rank_gate(base, x, p, lin.weight, A, B, scale, bias=lin.bias, **gate)
+    xd, _ = _dropped(dropout, x)
     z = F.linear(xd, A.to(xd.dtype))  # (..., r)
     return low_rank_gate(base, z, B, scale, bias=_bias(layer), **gate)
 

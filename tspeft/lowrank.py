@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import kernels
+from . import dropout, kernels
 from .gate import LamFactor, acc_dtype, gate_mask, inside_backward, record_stats, threshold_grad
 
 
@@ -63,10 +63,10 @@ def _rank_forward(
     if kernels.enabled(z2):
         return kernels.gate_forward(z2, zg, base_norm, threshold, c, real, None if inside_backward() else stats)
     delta_norm = torch.linalg.vecdot(zg, za).clamp_min_(0).sqrt_().mul_(abs(c))  # (N,)
-    mask = gate_mask(delta_norm, base_norm, threshold.detach().to(acc))
+    mask = gate_mask(delta_norm, base_norm, _cast(threshold, acc))  # in forward: no autograd to detach from
     record_stats(stats, mask, real, delta_norm, base_norm)
-    w = (_cast(mask, acc) * c).to(z2.dtype)  # (N,) mask and scaling in one vector
-    return z2 * w.unsqueeze(-1), mask
+    w = _cast(mask, z2.dtype).mul_(c).unsqueeze_(-1)  # (N, 1): mask and scaling in one vector
+    return z2 * w, mask
 
 
 def _rank_backward(
@@ -96,13 +96,13 @@ def _rank_backward(
             grad_tau = -g_k
         return gz, zw, grad_tau, sums[2] if need_scale else None
     dtype, acc = gB.dtype, acc_dtype(gB.dtype)
-    w = (_cast(mask, acc) * c).to(dtype).unsqueeze(-1)  # (N, 1)
+    w = _cast(mask, dtype).mul_(c).unsqueeze_(-1)  # (N, 1)
     gz = gB * w if need_gz else None
     zw = _cast(z2, dtype) * w if need_zw else None
     if need_tau or need_scale:
         dot = torch.linalg.vecdot(_cast(gB, acc), _cast(z2, acc))  # (N,): <B^T g_i, z_i> = mu_i / c
         if need_scale:  # a tensor scale (AdaLoRA's scaling / ranknum) in the graph
-            grad_scale = torch.where(mask, dot, torch.zeros_like(dot)).sum()
+            grad_scale = torch.where(mask, dot, 0.0).sum()
         if need_tau:
             grad_tau = threshold_grad(dot.mul_(c), mask, real, lam, lam_factor)  # mu, Eq. 9
     return gz, zw, grad_tau, grad_scale
@@ -162,29 +162,39 @@ def low_rank_gate(
 
 
 class LinearLowRankGate(torch.autograd.Function):
-    r""":class:`LowRankGate` with ``z = A xd`` inside, for a frozen ``nn.Linear`` base: x's gradient fused.
+    r""":class:`LowRankGate` with ``z = A dropout(x)`` inside, for a frozen ``nn.Linear`` base: x's gradient fused.
 
-    Same numerics contract as ``LowRankGate`` applied to ``base = W0 x + b`` and ``z = A xd``, but the
-    frozen base's and A's input gradients are one buffer: ``dx = g W0`` then ``dx += dz A`` in place
+    Same numerics contract as ``LowRankGate`` applied to ``base = W0 x + b`` and ``z = A dropout(x)``, but
+    the frozen base's and A's input gradients are one buffer: ``dx = g W0`` then ``dx += dz A`` in place
     (``addmm_``), instead of two d_in-sized products that autograd then adds. ``base`` is the detached
     value of ``W0 x + b`` (its autograd node is bypassed: W0 and b must not require grad) and is updated
-    in place. ``xd`` is ``dropout(x)`` or None when no dropout applies (then ``xd = x``).
-    Saved for backward: xd (as peft's LoRA saves it for dA), z, the mask; no d_out-sized tensor.
+    in place. ``p`` is the dropout probability (0: none); the mask is drawn as ``F.dropout`` draws it.
+    Saved for backward: x (shared with every other module that reads it), z, the token mask, and under
+    dropout either the keep mask (one byte per element) or only the generator state to draw it again
+    (:mod:`tspeft.dropout`); never ``dropout(x)`` and nothing d_out-sized.
     """
 
     @staticmethod
-    def forward(ctx, base, x, xd, weight, A, B, scale, bias, threshold, real, lam, lam_factor, stats):
+    def forward(ctx, base, x, p, weight, A, B, scale, bias, threshold, real, lam, lam_factor, stats):
         dtype, acc = base.dtype, acc_dtype(base.dtype)
         base2 = base.view(-1, base.shape[-1])  # (N, d_out)
-        src = x if xd is None else xd
-        src2 = src.reshape(-1, src.shape[-1])  # (N, d_in)
-        z2 = src2 @ _cast(A, dtype).t()  # (N, r)
+        x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
+        keep = state = None
+        if p > 0.0:
+            replay = dropout.mode(x2) == "replay"
+            state = dropout.rng_state(x2) if replay else None
+            xd2, keep = dropout.dropout_with_keep(x2, p)
+            keep = None if replay else keep
+        else:
+            xd2 = x2
+        z2 = xd2 @ _cast(A, dtype).t()  # (N, r)
+        del xd2
         c = _scale_value(scale, acc)
         zw, mask = _rank_forward(z2, B, c, _base_norm(base2, bias, acc), threshold, real, stats)
         base2.addmm_(zw, _cast(B, dtype).t())
         ctx.mark_dirty(base)
-        ctx.save_for_backward(src2, z2, A, B, weight, mask, real)
-        ctx.c, ctx.lam, ctx.lam_factor, ctx.has_drop = c, lam, lam_factor, xd is not None
+        ctx.save_for_backward(x2, z2, A, B, weight, mask, real, keep)
+        ctx.c, ctx.lam, ctx.lam_factor, ctx.p, ctx.rng = c, lam, lam_factor, p, state
         ctx.x_shape, ctx.tau_dtype = x.shape, threshold.dtype
         if isinstance(scale, torch.Tensor):
             ctx.scale_shape, ctx.scale_dtype = scale.shape, scale.dtype
@@ -193,38 +203,44 @@ class LinearLowRankGate(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        src2, z2, A, B, weight, mask, real = ctx.saved_tensors
+        x2, z2, A, B, weight, mask, real, keep = ctx.saved_tensors
         g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, d_out)
         dtype = g.dtype
         need = ctx.needs_input_grad
         gB = g @ _cast(B, dtype)  # (N, r): B^T g_i, for dz and mu
         gz, zw, grad_tau, grad_scale = _rank_backward(
             gB, z2, mask, real, ctx.c, ctx.lam, ctx.lam_factor,
-            (need[1] or need[2] or need[4], need[5], need[8], need[6]),
+            (need[1] or need[4], need[5], need[8], need[6]),
         )
         grads: list[torch.Tensor | None] = [None] * 13
+        Ad = _cast(A, dtype)
+        if ctx.p > 0.0 and (need[1] or need[4]):
+            if keep is None:
+                keep = dropout.replay_keep(x2, ctx.p, ctx.rng)
+            gz = gz * (1.0 / (1.0 - ctx.p))  # dropout's scale, folded into the (N, r) factor
         if need[1]:
             grad_x = g @ _cast(weight, dtype)  # (N, d_in): the frozen base's input gradient
-            if not ctx.has_drop:
-                grad_x.addmm_(gz, _cast(A, dtype))  # + A's, in place: one d_in-sized buffer
+            if keep is None:
+                grad_x.addmm_(gz, Ad)  # + A's, in place: one d_in-sized buffer
+            else:
+                grad_x.add_((gz @ Ad).mul_(keep))  # + A's, through dropout
             grads[1] = grad_x.view(ctx.x_shape)
-        if ctx.has_drop and need[2]:
-            grads[2] = (gz @ _cast(A, dtype)).view(ctx.x_shape)
         if need[4]:
-            grads[4] = (gz.t() @ _cast(src2, dtype)).to(A.dtype)  # (r, d_in)
+            src = x2 if keep is None else x2 * keep  # dropout(x) (N, d_in), its scale folded into gz
+            grads[4] = _cast(gz.t() @ _cast(src, dtype), A.dtype)  # (r, d_in)
         if need[5]:
-            grads[5] = (zw.t() @ g).t().to(B.dtype)  # (d_out, r), as (r, N) @ (N, d_out): the faster order
+            grads[5] = _cast((zw.t() @ g).t(), B.dtype)  # (d_out, r), as (r, N) @ (N, d_out): the faster order
         if grad_scale is not None:  # a tensor scale that trains (AdaLoRA's ranknum in some peft versions)
-            grads[6] = grad_scale.reshape(ctx.scale_shape).to(ctx.scale_dtype)
+            grads[6] = _cast(grad_scale.reshape(ctx.scale_shape), ctx.scale_dtype)
         if grad_tau is not None:
-            grads[8] = grad_tau.reshape(1).to(ctx.tau_dtype)
+            grads[8] = _cast(grad_tau.reshape(1), ctx.tau_dtype)
         return tuple(grads)
 
 
 def linear_low_rank_gate(
     base: torch.Tensor,
     x: torch.Tensor,
-    xd: torch.Tensor | None,
+    p: float,
     weight: torch.Tensor,
     A: torch.Tensor,
     B: torch.Tensor,
@@ -237,11 +253,13 @@ def linear_low_rank_gate(
     stats: torch.Tensor | None = None,
     lam_factor: LamFactor = None,
 ) -> torch.Tensor:
-    """Return W0 x + b + mask * c * B A xd given base = W0 x + b (frozen W0, b): see LinearLowRankGate."""
+    """Return W0 x + b + mask * c * B A dropout_p(x) given base = W0 x + b (frozen W0, b): see LinearLowRankGate."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
     base = base.detach()
     base = base if base.is_contiguous() else base.contiguous()
     return LinearLowRankGate.apply(
-        base, x, xd, weight, A, B, scale, bias, threshold, real, float(lam), lam_factor, stats
+        base, x, float(p), weight, A, B, scale, bias, threshold, real, float(lam), lam_factor, stats
     )
 
 
@@ -284,7 +302,7 @@ def _dora_forward(
     delta = bprime * (sv - 1).to(dtype)  # (N, d_out), the one d_out-sized buffer of the forward
     delta.addmm_(_cast(z2, dtype), Bs.t())  # + s c B z
     delta_norm = torch.linalg.vector_norm(delta, dim=-1, dtype=acc)
-    mask = gate_mask(delta_norm, base_norm, threshold.detach().to(acc))
+    mask = gate_mask(delta_norm, base_norm, _cast(threshold, acc))
     record_stats(stats, mask, real, delta_norm, base_norm)
     # out = base + mask * delta, one pass into delta's buffer (a bool-masked where/masked_fill is several
     # times slower on CPU). As in the rank-space gates, a non-finite delta of an inactive token gives nan.

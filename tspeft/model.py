@@ -76,10 +76,10 @@ class GatedLayer:
         ctrl = self._ts_ctrl
         base = self.get_base_layer()(x, *args, **kwargs) if hasattr(self, "get_base_layer") else self.base_layer(x)
         gate = {
-            "threshold": getattr(self, THRESHOLD),
+            "threshold": self._parameters[THRESHOLD],  # not getattr: nn.Module's __getattr__ is slow, per call
             "lam": ctrl.config.lam,
             "real": ctrl.real_tokens(x),
-            "stats": getattr(self, STATS),
+            "stats": self._buffers[STATS],
             "lam_factor": ctrl.lam_factor,
         }
         return type(self)._ts_update(self, x, base, gate)
