@@ -5,7 +5,8 @@
 #   bash benchmarks/gpu_check.sh            # from the repository root; results in $OUT (default ./gpu_out)
 #
 # `python` must have torch (CUDA), transformers, peft and triton; the repository is put on PYTHONPATH.
-#  1. the Triton kernels against the PyTorch reference (tests/test_kernels.py), and the benchmark's tests;
+#  1. the Triton kernels against the PyTorch reference (tests/test_kernels.py), dropout inside the gate against
+#     F.dropout on CUDA (tests/test_dropout.py), and the benchmark's tests;
 #  2. the GPU benchmark with the PyTorch path for the TS rows (TSPEFT_KERNELS=0): bench_gpu_pytorch.{json,txt};
 #  3. the GPU benchmark with the automatic choice (Triton kernels when they import): bench_gpu.{json,txt}.
 # Each step has its own time limit; a failed step is reported and the next one still runs.
@@ -42,7 +43,7 @@ print("device:", torch.cuda.get_device_name() if torch.cuda.is_available() else 
 EOF
 cat "$OUT/env.txt"
 
-step tests 150 python -m pytest tests/test_kernels.py tests/test_bench.py -q -p no:cacheprovider -x
+step tests 150 python -m pytest tests/test_kernels.py tests/test_dropout.py tests/test_bench.py -q -p no:cacheprovider -x
 TSPEFT_KERNELS=0 step bench_pytorch 200 python benchmarks/step.py --device cuda --preset llama8b-4layers \
   --json "$OUT/bench_gpu_pytorch.json" --table "$OUT/bench_gpu_pytorch.txt"
 step bench 200 python benchmarks/step.py --device cuda --preset llama8b-4layers \

@@ -37,14 +37,14 @@ def test_replay_draws_the_same_mask_and_restores_the_generator(device):
     x = torch.randn(64, 40, device=device)
     torch.manual_seed(9)
     state = dropout.rng_state(x)
-    _, keep = dropout.dropout_with_keep(x, 0.3)
+    xd, keep = dropout.dropout_with_keep(x, 0.3)
     torch.rand(1000, device=device)  # the stream has moved on since
     next_draw = torch.rand(5, device=device)
     torch.manual_seed(9)
     dropout.dropout_with_keep(x, 0.3)
     torch.rand(1000, device=device)
-    again = dropout.replay_keep(x, 0.3, state)
-    assert torch.equal(again, keep) and 0 < keep.sum() < keep.numel()
+    xd_again, keep_again = dropout.replay(x, 0.3, state)
+    assert torch.equal(keep_again, keep) and torch.equal(xd_again, xd) and 0 < keep.sum() < keep.numel()
     assert torch.equal(torch.rand(5, device=device), next_draw)  # the caller's stream is as it was
 
 
@@ -109,9 +109,10 @@ def test_gradcheck_with_dropout(mode, monkeypatch):
     assert torch.autograd.gradcheck(f, (x, A, B))
 
 
-def test_dropout_x_is_not_kept_for_backward(monkeypatch):
-    """Saved activations of TS-LoRA with dropout: x once for q, k, v, a byte mask each (or nothing)."""
-    dense = with_adapter(tiny_llama(), "llama", "lora", dropout=0.1)
+@pytest.mark.parametrize("method", ["lora", "dora", "adalora"])
+def test_dropout_x_is_not_kept_for_backward(method, monkeypatch):
+    """Saved activations with dropout: x once for q, k, v, and a byte mask each (or nothing), not dropout(x)."""
+    dense = with_adapter(tiny_llama(), "llama", method, dropout=0.1)
     data = batch("llama")
 
     def saved_bytes(model):

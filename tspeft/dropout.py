@@ -60,8 +60,8 @@ def rng_state(x: torch.Tensor) -> torch.Tensor:
     return torch.get_rng_state()
 
 
-def replay_keep(x: torch.Tensor, p: float, state: torch.Tensor) -> torch.Tensor:
-    """Return the keep mask that :func:`dropout_with_keep` drew for x from generator `state`.
+def replay(x: torch.Tensor, p: float, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (dropout(x), keep) as :func:`dropout_with_keep` drew them for x from generator `state`.
 
     The generator is set to `state` for the draw and restored afterwards, so the caller's random stream
     is left as it was. x must be the same tensor as in forward (the fused kernel's layout depends on it).
@@ -72,6 +72,4 @@ def replay_keep(x: torch.Tensor, p: float, state: torch.Tensor) -> torch.Tensor:
             torch.cuda.set_rng_state(state, x.device)
         else:
             torch.set_rng_state(state)
-        if _fused(x):
-            return torch.native_dropout(x, p, True)[1]
-        return torch.empty_like(x).bernoulli_(1 - p) != 0
+        return dropout_with_keep(x, p)

@@ -84,15 +84,14 @@ def lora_forward(layer: LoraLinear, x: torch.Tensor, base: torch.Tensor, gate: d
     if not layer.use_dora.get(name, False):
         return _rank_space(layer, x, base, layer.lora_dropout[name], A, B, scale, gate)
     x = x.to(base.dtype)
-    xd, dropped = _dropped(layer.lora_dropout[name], x)
     weight = layer.get_base_layer().weight
     weight_norm = dora_weight_norm(weight, _weight_sq(layer, weight), A, B, scale).to(base.dtype)
     magnitude = layer.lora_magnitude_vector[name].weight
     lin = _frozen_linear(layer)
-    if lin is not None:
-        return linear_dora_gate(
-            base, x, xd if dropped else None, weight, A, B, magnitude, weight_norm, scale, bias=lin.bias, **gate
-        )
+    p = _plain_dropout_p(layer.lora_dropout[name])
+    if lin is not None and p is not None:  # dropout drawn inside the fused gate, dropout(x) not kept
+        return linear_dora_gate(base, x, p, weight, A, B, magnitude, weight_norm, scale, bias=lin.bias, **gate)
+    xd, dropped = _dropped(layer.lora_dropout[name], x)
     z = F.linear(xd, A.to(xd.dtype))  # (..., r)
     base_drop = F.linear(xd, weight.to(xd.dtype)) if dropped else None
     return dora_gate(base, base_drop, z, B, magnitude, weight_norm, scale, bias=_bias(layer), **gate)

@@ -161,6 +161,25 @@ def low_rank_gate(
     return LowRankGate.apply(base, z, B, scale, bias, threshold, real, float(lam), lam_factor, stats)
 
 
+def _drop(x2: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Return (dropout(x2), keep mask to save or None, generator state to replay or None) for p >= 0."""
+    if p == 0.0:
+        return x2, None, None
+    replay = dropout.mode(x2) == "replay"
+    state = dropout.rng_state(x2) if replay else None
+    xd2, keep = dropout.dropout_with_keep(x2, p)
+    return xd2, None if replay else keep, state
+
+
+def _dropped_again(ctx, x2: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """Return (src, scale, keep) in backward, with dropout(x) = scale * src: from the saved keep mask, or
+    drawn again from the saved generator state (then src is dropout(x) itself and scale 1)."""
+    if keep is None:
+        xd2, keep = dropout.replay(x2, ctx.p, ctx.rng)
+        return xd2, 1.0, keep
+    return x2 * keep, 1.0 / (1.0 - ctx.p), keep
+
+
 class LinearLowRankGate(torch.autograd.Function):
     r""":class:`LowRankGate` with ``z = A dropout(x)`` inside, for a frozen ``nn.Linear`` base: x's gradient fused.
 
@@ -179,14 +198,7 @@ class LinearLowRankGate(torch.autograd.Function):
         dtype, acc = base.dtype, acc_dtype(base.dtype)
         base2 = base.view(-1, base.shape[-1])  # (N, d_out)
         x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
-        keep = state = None
-        if p > 0.0:
-            replay = dropout.mode(x2) == "replay"
-            state = dropout.rng_state(x2) if replay else None
-            xd2, keep = dropout.dropout_with_keep(x2, p)
-            keep = None if replay else keep
-        else:
-            xd2 = x2
+        xd2, keep, state = _drop(x2, p)
         z2 = xd2 @ _cast(A, dtype).t()  # (N, r)
         del xd2
         c = _scale_value(scale, acc)
@@ -214,20 +226,20 @@ class LinearLowRankGate(torch.autograd.Function):
         )
         grads: list[torch.Tensor | None] = [None] * 13
         Ad = _cast(A, dtype)
-        if ctx.p > 0.0 and (need[1] or need[4]):
-            if keep is None:
-                keep = dropout.replay_keep(x2, ctx.p, ctx.rng)
-            gz = gz * (1.0 / (1.0 - ctx.p))  # dropout's scale, folded into the (N, r) factor
+        drop = ctx.p > 0.0 and (need[1] or need[4])
+        src, src_scale = x2, 1.0  # dropout(x) = src_scale * src
+        if drop:
+            src, src_scale, keep = _dropped_again(ctx, x2, keep)
         if need[1]:
             grad_x = g @ _cast(weight, dtype)  # (N, d_in): the frozen base's input gradient
-            if keep is None:
+            if not drop:
                 grad_x.addmm_(gz, Ad)  # + A's, in place: one d_in-sized buffer
-            else:
-                grad_x.add_((gz @ Ad).mul_(keep))  # + A's, through dropout
+            else:  # + A's, through dropout: keep / (1 - p)
+                grad_x.add_((gz @ Ad).mul_(keep), alpha=1.0 / (1.0 - ctx.p))
             grads[1] = grad_x.view(ctx.x_shape)
         if need[4]:
-            src = x2 if keep is None else x2 * keep  # dropout(x) (N, d_in), its scale folded into gz
-            grads[4] = _cast(gz.t() @ _cast(src, dtype), A.dtype)  # (r, d_in)
+            gzs = gz if src_scale == 1.0 else gz * src_scale  # dropout's scale on the (N, r) factor
+            grads[4] = _cast(gzs.t() @ _cast(src, dtype), A.dtype)  # (r, d_in)
         if need[5]:
             grads[5] = _cast((zw.t() @ g).t(), B.dtype)  # (d_out, r), as (r, N) @ (N, d_out): the faster order
         if grad_scale is not None:  # a tensor scale that trains (AdaLoRA's ranknum in some peft versions)
@@ -416,70 +428,75 @@ class DoraGate(torch.autograd.Function):
 
 
 class LinearDoraGate(torch.autograd.Function):
-    """:class:`DoraGate` with ``z = A xd`` (and ``b' = W0 xd`` under dropout) inside, for a frozen ``nn.Linear``.
+    """:class:`DoraGate` with ``z = A dropout(x)`` (and ``b' = W0 dropout(x)`` under dropout) inside, for a frozen ``nn.Linear``.
 
     As :class:`LinearLowRankGate`, x's input gradients through W0 and A share one buffer (``addmm_``);
-    ``base`` is the detached value of ``W0 x + b`` (W0 and b must not require grad). ``xd`` is
-    ``dropout(x)``, or None when no dropout applies.
+    ``base`` is the detached value of ``W0 x + b`` (W0 and b must not require grad). ``p`` is the dropout
+    probability (0: none); as there, x is kept for backward, not dropout(x).
     """
 
     @staticmethod
-    def forward(ctx, base, x, xd, weight, A, B, magnitude, weight_norm, scale, bias, threshold, real, lam, lam_factor, stats):
+    def forward(ctx, base, x, p, weight, A, B, magnitude, weight_norm, scale, bias, threshold, real, lam, lam_factor, stats):
         dtype, acc = base.dtype, acc_dtype(base.dtype)
         base2 = base.view(-1, base.shape[-1])  # (N, d_out)
-        src = x if xd is None else xd
-        src2 = src.reshape(-1, src.shape[-1])  # (N, d_in)
-        z2 = src2 @ _cast(A, dtype).t()  # (N, r)
-        if xd is None:
+        x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
+        xd2, keep, state = _drop(x2, p)
+        z2 = xd2 @ _cast(A, dtype).t()  # (N, r)
+        if p == 0.0:
             bprime = _bprime(base2, None, bias)
             base_norm = torch.linalg.vector_norm(bprime, dim=-1, dtype=acc)
         else:
-            bprime = src2 @ _cast(weight, dtype).t()  # W0 dropout(x), as peft's DoRA computes it
+            bprime = xd2 @ _cast(weight, dtype).t()  # W0 dropout(x), as peft's DoRA computes it
             base_norm = _base_norm(base2, bias, acc)
+        del xd2
         sv = _cast(magnitude, acc) / _cast(weight_norm, acc)  # (d_out,)
         out, mask = _dora_forward(base2, bprime, z2, B, sv, float(scale), base_norm, threshold, real, stats)
-        ctx.save_for_backward(base2 if xd is None else bprime, src2, z2, A, B, weight, sv, weight_norm, mask, real, bias)
-        ctx.has_drop, ctx.scale, ctx.lam, ctx.lam_factor = xd is not None, float(scale), lam, lam_factor
+        ctx.save_for_backward(base2 if p == 0.0 else bprime, x2, z2, A, B, weight, sv, weight_norm, mask, real, bias, keep)
+        ctx.p, ctx.rng, ctx.scale, ctx.lam, ctx.lam_factor = p, state, float(scale), lam, lam_factor
         ctx.x_shape, ctx.tau_dtype, ctx.mag_dtype = x.shape, threshold.dtype, magnitude.dtype
         return out.view(base.shape)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        saved, src2, z2, A, B, weight, sv, weight_norm, mask, real, bias = ctx.saved_tensors
+        saved, x2, z2, A, B, weight, sv, weight_norm, mask, real, bias, keep = ctx.saved_tensors
         g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, d_out)
-        dtype, need, drop = g.dtype, ctx.needs_input_grad, ctx.has_drop
+        dtype, need, drop = g.dtype, ctx.needs_input_grad, ctx.p > 0.0
         r = _dora_backward(
             g, lambda: saved if drop else _bprime(saved, None, bias), z2, B, sv, weight_norm, mask, real,
             ctx.scale, ctx.lam, ctx.lam_factor,
-            {"base": need[1] and not drop, "bprime": need[2] and drop, "z": need[1] or need[2] or need[4],
+            {"base": need[1] and not drop, "bprime": need[1] and drop, "z": need[1] or need[4],
              "B": need[5], "magnitude": need[6], "tau": need[10]},
         )
         W, Ad = _cast(weight, dtype), _cast(A, dtype)
         grads: list[torch.Tensor | None] = [None] * 15
+        src, src_scale = x2, 1.0  # dropout(x) = src_scale * src
+        if drop and (need[1] or need[4]):
+            src, src_scale, keep = _dropped_again(ctx, x2, keep)
         if need[1]:
             grad_x = (g if drop else r["base"]) @ W  # (N, d_in): through the frozen base (and b' = base - bias)
             if not drop:
                 grad_x.addmm_(r["z"], Ad)  # + A's, in place
+            else:  # + through dropout(x): b' = W0 dropout(x) and z = A dropout(x)
+                grad_xd = (r["bprime"] @ W).addmm_(r["z"], Ad).mul_(keep)
+                grad_x.add_(grad_xd, alpha=1.0 / (1.0 - ctx.p))
             grads[1] = grad_x.view(ctx.x_shape)
-        if drop and need[2]:
-            grad_xd = r["bprime"] @ W  # through b' = W0 dropout(x)
-            grads[2] = grad_xd.addmm_(r["z"], Ad).view(ctx.x_shape)
         if need[4]:
-            grads[4] = (r["z"].t() @ _cast(src2, dtype)).to(A.dtype)  # (r, d_in)
+            grad_A = r["z"].t() @ _cast(src, dtype)  # (r, d_in)
+            grads[4] = _cast(grad_A if src_scale == 1.0 else grad_A.mul_(src_scale), A.dtype)
         if need[5]:
-            grads[5] = r["B"].to(B.dtype)
+            grads[5] = _cast(r["B"], B.dtype)
         if need[6]:
-            grads[6] = r["magnitude"].to(ctx.mag_dtype)
+            grads[6] = _cast(r["magnitude"], ctx.mag_dtype)
         if need[10]:
-            grads[10] = r["tau"].reshape(1).to(ctx.tau_dtype)
+            grads[10] = _cast(r["tau"].reshape(1), ctx.tau_dtype)
         return tuple(grads)
 
 
 def linear_dora_gate(
     base: torch.Tensor,
     x: torch.Tensor,
-    xd: torch.Tensor | None,
+    p: float,
     weight: torch.Tensor,
     A: torch.Tensor,
     B: torch.Tensor,
@@ -495,10 +512,12 @@ def linear_dora_gate(
     lam_factor: LamFactor = None,
 ) -> torch.Tensor:
     """Return base + mask * delta_DoRA given base = W0 x + b (frozen W0, b): see LinearDoraGate."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
     base = base.detach()
     base = base if base.is_contiguous() else base.contiguous()
     return LinearDoraGate.apply(
-        base, x, xd, weight, A, B, magnitude, weight_norm, scale, bias, threshold, real, float(lam), lam_factor, stats
+        base, x, float(p), weight, A, B, magnitude, weight_norm, scale, bias, threshold, real, float(lam), lam_factor, stats
     )
 
 
