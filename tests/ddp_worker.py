@@ -87,11 +87,16 @@ def train(rank: int = 0, world: int = 1, wrap=None) -> dict:
         opt.step()
         opt.zero_grad()
         taus.append(tspeft.thresholds(model))
+    stats = tspeft.module_stats(model)
+    tspeft.all_reduce_stats(model)  # every rank's tokens; a no-op in the 1-process reference
+    total = tspeft.module_stats(model)
     return {
         "taus": taus,
         "params": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
-        "tokens": {n: v["tokens"] for n, v in tspeft.module_stats(model).items()},
-        "active": {n: v["active"] for n, v in tspeft.module_stats(model).items()},
+        "tokens": {n: v["tokens"] for n, v in stats.items()},
+        "active": {n: v["active"] for n, v in stats.items()},
+        "tokens_all": {n: v["tokens"] for n, v in total.items()},
+        "active_all": {n: v["active"] for n, v in total.items()},
     }
 
 

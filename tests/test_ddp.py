@@ -71,6 +71,9 @@ def test_two_gloo_ranks_equal_one_process_on_the_global_batch(tmp_path):
     for name, tokens in ref["tokens"].items():
         assert ranks[0]["tokens"][name] + ranks[1]["tokens"][name] == tokens, name
         assert ranks[0]["active"][name] + ranks[1]["active"][name] == ref["active"][name], name
+        # ... and tspeft.all_reduce_stats gives every rank the global counts
+        for r in range(2):
+            assert ranks[r]["tokens_all"][name] == tokens and ranks[r]["active_all"][name] == ref["active"][name]
     real = sum(int(ddp_worker.global_batch(s)["attention_mask"].sum()) for s in range(ddp_worker.STEPS))
     assert set(ref["tokens"].values()) == {real}  # padding never counted
 

@@ -22,13 +22,14 @@ from .optim import (
     threshold_parameters,
     threshold_state,
 )
-from .stats import collect_ratios, module_stats, overall_sparsity, reset_stats, sparsity, thresholds
+from .stats import all_reduce_stats, collect_ratios, module_stats, overall_sparsity, reset_stats, sparsity, thresholds
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ParallelAdapter",
     "TSConfig",
+    "all_reduce_stats",
     "TSOptimizer",
     "adapter_parameters",
     "add_parallel_adapter",

@@ -31,6 +31,24 @@ def reset_stats(model: nn.Module) -> None:
         getattr(m, STATS).zero_()
 
 
+def all_reduce_stats(model: nn.Module, group=None) -> None:
+    """Sum every gate's token counts over the data-parallel ranks, in place, so that each rank sees the global counts.
+
+    Statistics are per rank (each rank counts its own tokens); this is a collective: call it on every rank,
+    e.g. before logging sparsity, then :func:`reset_stats` on every rank. A no-op outside torch.distributed.
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return
+    mods = list(gated_modules(model).values())
+    if not mods:
+        raise RuntimeError("token selection is not enabled on this model; call tspeft.enable(model, TSConfig(...))")
+    table = torch.stack([getattr(m, STATS) for m in mods])  # one collective for every module
+    dist.all_reduce(table, group=group)
+    for m, row in zip(mods, table):
+        getattr(m, STATS).copy_(row)
+
+
 def sparsity(model: nn.Module) -> dict[str, float]:
     """Return {module: 1 - active / real tokens} since the last reset_stats (Eq. 21); nan if no token seen."""
     names, _, t = _collect(model)

@@ -24,7 +24,7 @@ from .data import collate, compute_metrics, encode_examples, load_task, score_ch
 from .io import atomic_write
 from .model import enable, is_enabled
 from .optim import adapter_parameters, attach_grad_scaler, optimizer
-from .stats import module_stats, overall_sparsity, reset_stats
+from .stats import all_reduce_stats, module_stats, overall_sparsity, reset_stats
 
 METHODS = ("lora", "dora", "adalora", "adapter")
 EVAL_SPLITS = ("test", "val")
@@ -230,6 +230,7 @@ def _callbacks(run_dir: Path, model: nn.Module, method: str):
                       "lr": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
                       "threshold_mean": None, "sparsity": None, "modules": {}}
             if is_enabled(model):
+                all_reduce_stats(model)  # data parallel: every rank's tokens (a collective: on every rank)
                 stats = module_stats(model)
                 taus = [v["threshold"] for v in stats.values()]
                 record["threshold_mean"] = sum(taus) / len(taus)
@@ -237,7 +238,7 @@ def _callbacks(run_dir: Path, model: nn.Module, method: str):
                 record["modules"] = {n: {"threshold": v["threshold"], "sparsity": v["sparsity"]} for n, v in stats.items()}
                 reset_stats(model)  # each line reports the tokens since the previous one
             if not state.is_world_process_zero:
-                return  # data parallel: thresholds are equal on every rank; rank 0 logs its own tokens
+                return  # data parallel: one writer
             with open(run_dir / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
