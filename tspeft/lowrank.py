@@ -172,11 +172,13 @@ def _drop(x2: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor | None
 
 
 def _dropped_again(ctx, x2: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, float, torch.Tensor]:
-    """Return (src, scale, keep) in backward, with dropout(x) = scale * src: from the saved keep mask, or
-    drawn again from the saved generator state (then src is dropout(x) itself and scale 1)."""
+    """Return (src, scale, keep) in backward, with dropout(x) = scale * src and keep as 0/1 in x's dtype:
+    from the saved keep mask, or drawn again from the saved generator state (then src is dropout(x)
+    itself and scale 1)."""
     if keep is None:
         xd2, keep = dropout.replay(x2, ctx.p, ctx.rng)
-        return xd2, 1.0, keep
+        return xd2, 1.0, dropout.as_float(keep, x2.dtype)
+    keep = dropout.as_float(keep, x2.dtype)
     return x2 * keep, 1.0 / (1.0 - ctx.p), keep
 
 
