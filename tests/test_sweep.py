@@ -12,7 +12,9 @@ import pytest
 import tspeft.sweep as sweep_module
 from tspeft import reproduce
 from tspeft.analysis import load_run, select_modules
-from tspeft.reproduce import (
+from tspeft.sweep import plan_sweep, sweep
+from tspeft.train import RunConfig, train
+from tspeft.verdicts import (
     NOT,
     PARTLY,
     REPRODUCED,
@@ -26,8 +28,6 @@ from tspeft.reproduce import (
     judge_tables,
     threshold_summary,
 )
-from tspeft.sweep import plan_sweep, sweep
-from tspeft.train import RunConfig, train
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,15 @@ from .optim import (
     threshold_parameters,
     threshold_state,
 )
-from .stats import all_reduce_stats, collect_ratios, module_stats, overall_sparsity, reset_stats, sparsity, thresholds
+from .stats import (
+    all_reduce_stats,
+    collect_ratios,
+    module_stats,
+    overall_sparsity,
+    reset_stats,
+    sparsity,
+    thresholds,
+)
 
 __version__ = "0.1.0"
 
