@@ -10,7 +10,7 @@ import torch
 from conftest import batch, tiny_llama, with_adapter
 
 import tspeft
-from tspeft import bench
+from tspeft import bench, measure
 
 ROWS = [
     "frozen base (floor)",
@@ -57,14 +57,14 @@ def test_tiny_benchmark_json_has_every_row(tmp_path, capsys):
 def test_paired_ratio_and_its_bootstrap_interval():
     ref = [100.0, 200.0, 100.0, 100.0, 300.0]
     times = [99.0, 210.0, 95.0, 101.0, 270.0]  # ratios .99, 1.05, .95, 1.01, .90: median .99
-    assert bench._paired_ratio(times, ref) == pytest.approx(0.99)
-    lo, hi = bench._paired_ratio_ci(times, ref)
+    assert measure.paired_ratio(times, ref) == pytest.approx(0.99)
+    lo, hi = measure.paired_ratio_ci(times, ref)
     assert 0.90 <= lo <= 0.99 <= hi <= 1.05 and lo < hi
-    assert bench._paired_ratio_ci([2.0] * 4, [1.0] * 4) == [2.0, 2.0]
+    assert measure.paired_ratio_ci([2.0] * 4, [1.0] * 4) == [2.0, 2.0]
 
 
 def test_live_storage_tracker_counts_allocations_and_frees():
-    tracker = bench.LiveStorageBytes()
+    tracker = measure.LiveStorageBytes()
     with tracker:
         a = torch.empty(1000, dtype=torch.float32)  # 4000 bytes
         b = a.view(10, 100)  # a view: no new storage

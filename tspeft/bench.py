@@ -25,345 +25,41 @@ has the measured tables.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
-import gc
 import json
 import statistics
 import sys
-import time
-import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import tspeft
 
-from .adapter import ParallelAdapter
-from .layers import layer_rank
-
-MiB = 2**20
-
-
-@dataclass(frozen=True)
-class Preset:
-    """Shapes of the Llama-style model, batch and adapters of one benchmark setting."""
-
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    vocab: int
-    batch: int
-    seq: int
-    r: int
-    dropout: float
-    dtype: str
-    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
-
-
-PRESETS: dict[str, Preset] = {
-    "tiny": Preset(64, 172, 2, 4, 2, 256, 2, 32, 4, 0.0, "float32"),
-    "cpu": Preset(512, 1376, 4, 8, 2, 4096, 4, 256, 16, 0.0, "float32"),
-    "llama8b-4layers": Preset(4096, 14336, 4, 32, 8, 128256, 8, 1024, 32, 0.05, "bfloat16"),
-}
-
-KINDS = ("lora", "dora", "adalora", "adapter")
-LABELS = {"floor": "frozen base", "lora": "LoRA", "dora": "DoRA", "adalora": "AdaLoRA", "adapter": "Adapter"}
-MEMORY_MEANING = {
-    "cuda": "peak_mib = model weights + rise of torch.cuda.max_memory_allocated during forward+backward",
-    "cpu": "peak_mib = model weights + peak of live tensor storages allocated by torch ops during "
-    "forward+backward (dispatch-mode tracker; allocator caching and library scratch not included)",
-}
-
-
-# ----------------------------------------------------------------------------------------------- models
-
-
-def build_base(p: Preset, device: str, seed: int = 0) -> nn.Module:
-    """Return a random-init LlamaForCausalLM of preset `p` on `device`, all parameters frozen."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=p.vocab, hidden_size=p.hidden, intermediate_size=p.intermediate, num_hidden_layers=p.layers,
-        num_attention_heads=p.heads, num_key_value_heads=p.kv_heads, max_position_embeddings=max(p.seq, 128),
-        use_cache=False,
-    )
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = LlamaForCausalLM._from_config(config, dtype=getattr(torch, p.dtype))
-    model.requires_grad_(False)
-    return model
-
-
-def randomize_updates(model: nn.Module, std: float = 0.02) -> None:
-    """Give every adapter a non-zero update in place: B (LoRA/DoRA), E (AdaLoRA), up (parallel adapter)."""
-    from peft.tuners.adalora.layer import SVDLinear
-    from peft.tuners.lora.layer import LoraLayer
-
-    with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, ParallelAdapter):
-                mod.adapter_up.weight.normal_(0.0, std)
-            elif isinstance(mod, SVDLinear):
-                for e in mod.lora_E.values():
-                    e.normal_(0.0, 1.0)  # singular values; A and B are already N(0, 0.02) in peft
-            elif isinstance(mod, LoraLayer):
-                for lin in mod.lora_B.values():
-                    lin.weight.normal_(0.0, std)
-
-
-def build_variant(base: nn.Module, kind: str, p: Preset, *, ts: bool, lam: float, seed: int = 0) -> nn.Module:
-    """Return a copy of `base` with adapter `kind` (floor/lora/dora/adalora/adapter), gated if `ts`."""
-    from peft import AdaLoraConfig, LoraConfig, get_peft_model
-
-    model = copy.deepcopy(base)
-    torch.manual_seed(seed + 1)  # a dense row and its TS twin get the same adapter weights
-    targets = list(p.targets)
-    if kind in ("lora", "dora"):
-        cfg = LoraConfig(r=p.r, lora_alpha=2 * p.r, lora_dropout=p.dropout, target_modules=targets,
-                         use_dora=kind == "dora")
-        model = get_peft_model(model, cfg)
-    elif kind == "adalora":
-        cfg = AdaLoraConfig(init_r=p.r, target_r=max(p.r // 2, 1), total_step=1000, lora_alpha=2 * p.r,
-                            lora_dropout=p.dropout, target_modules=targets)
-        model = get_peft_model(model, cfg)
-    elif kind == "adapter":
-        model = tspeft.add_parallel_adapter(model, targets, hidden=p.r, dropout=p.dropout)
-    elif kind != "floor":
-        raise ValueError(f"unknown kind {kind!r}; choose floor or one of {KINDS}")
-    randomize_updates(model)
-    if ts:
-        tspeft.enable(model, tspeft.TSConfig(lam=lam, s=1e-3))
-    return model.train()
-
-
-@dataclass
-class Batch:
-    """One batch shared by every row: an inputs_embeds leaf that requires grad, mask and labels."""
-
-    embeds: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: torch.Tensor
-
-
-def make_batch(base: nn.Module, p: Preset, device: str, seed: int = 0) -> Batch:
-    """Return a random batch of p.batch x p.seq tokens embedded by `base`."""
-    g = torch.Generator().manual_seed(seed + 2)
-    ids = torch.randint(0, p.vocab, (p.batch, p.seq), generator=g).to(device)
-    labels = torch.randint(0, p.vocab, (p.batch, p.seq), generator=g).to(device)
-    with torch.no_grad():
-        embeds = base.get_input_embeddings()(ids).detach()
-    return Batch(embeds.requires_grad_(True), torch.ones_like(ids), labels)
-
-
-def loss_of(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Return the training loss of one forward pass (CE on the batch's labels)."""
-    out = model(inputs_embeds=batch.embeds, attention_mask=batch.attention_mask, labels=batch.labels)
-    return out.loss
-
-
-# ----------------------------------------------------------------------------------------------- thresholds
-
-
-def set_thresholds(model: nn.Module, taus: dict[str, float] | float) -> None:
-    """Set every gated module's threshold, to one value or per module name."""
-    with torch.no_grad():
-        for name, t in tspeft.threshold_parameters(model).items():
-            t.fill_(taus if isinstance(taus, float) else taus[name])
-
-
-@torch.no_grad()
-def calibrate_thresholds(model: nn.Module, batch: Batch, active: float = 0.5, iters: int = 14) -> dict[str, float]:
-    """Return per-module thresholds, found by bisection, at which about `active` of the tokens are active.
-
-    All modules are bisected together (a module's inputs depend on earlier modules' gates, so a few
-    passes settle them jointly); each pass is one no-grad forward in training mode with a fixed seed.
-    """
-    names = list(tspeft.threshold_parameters(model))
-    set_thresholds(model, 0.0)
-    tspeft.reset_stats(model)
-    torch.manual_seed(0)
-    loss_of(model, batch)
-    stats = tspeft.module_stats(model)
-    cur = {n: max(float(stats[n]["ratio_mean"] or 0.0), 1e-6) for n in names}
-    lo = dict.fromkeys(names, 0.0)
-    hi: dict[str, float | None] = dict.fromkeys(names)
-    for _ in range(iters):
-        set_thresholds(model, cur)
-        tspeft.reset_stats(model)
-        torch.manual_seed(0)
-        loss_of(model, batch)
-        sp = tspeft.sparsity(model)
-        for n in names:
-            if sp[n] > 1.0 - active:
-                hi[n] = cur[n]
-            else:
-                lo[n] = cur[n]
-            h = hi[n]
-            cur[n] = 2.0 * cur[n] if h is None else 0.5 * (lo[n] + h)
-    set_thresholds(model, cur)
-    return cur
-
-
-# ----------------------------------------------------------------------------------------------- measurement
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _zero_grads(model: nn.Module, batch: Batch) -> None:
-    model.zero_grad(set_to_none=True)
-    batch.embeds.grad = None
-
-
-def timed_step(model: nn.Module, batch: Batch, device: str) -> tuple[float, float]:
-    """Return (wall ms, process CPU ms) of one forward + backward (grads zeroed before, outside the timing)."""
-    _zero_grads(model, batch)
-    _sync(device)
-    c0, t0 = time.process_time(), time.perf_counter()
-    loss_of(model, batch).backward()
-    _sync(device)
-    return (time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3
-
-
-class LiveStorageBytes(TorchDispatchMode):
-    """Tracks the bytes of tensor storages allocated by torch ops while active, and their peak.
-
-    An op output whose storage is not one of the op's inputs' is a new allocation; it is subtracted
-    when the storage is freed (a weakref finalizer: torch keeps a storage's Python object alive with it).
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        self._keys: set[int] = set()
-
-    def _free(self, key: int, nbytes: int) -> None:
-        self._keys.discard(key)
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        for t in tree_leaves(out):
-            if not isinstance(t, torch.Tensor) or t.is_meta:
-                continue
-            st = t.untyped_storage()
-            key, nbytes = st._cdata, st.nbytes()
-            if nbytes == 0 or key in inputs or key in self._keys:
-                continue
-            self._keys.add(key)
-            self.live += nbytes
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(st, self._free, key, nbytes)
-        return out
-
-
-def model_bytes(model: nn.Module) -> int:
-    """Return the bytes of the model's parameters and buffers (unique storages)."""
-    seen: dict[int, int] = {}
-    for t in list(model.parameters()) + list(model.buffers()):
-        st = t.untyped_storage()
-        seen[st._cdata] = st.nbytes()
-    return sum(seen.values())
-
-
-def memory_step(model: nn.Module, batch: Batch, device: str) -> dict[str, float]:
-    """Return peak_mib (weights + step peak) and saved_mib (activations saved for backward) of one step."""
-    weights = {t.untyped_storage()._cdata for t in list(model.parameters()) + list(model.buffers())}
-    weights.add(batch.embeds.untyped_storage()._cdata)
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        st = t.untyped_storage()
-        if st._cdata not in weights:
-            saved[st._cdata] = st.nbytes()
-        return t
-
-    _zero_grads(model, batch)
-    gc.collect()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        if device.startswith("cuda"):
-            _sync(device)
-            before = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            loss = loss_of(model, batch)
-            saved_bytes = sum(saved.values())
-            loss.backward()
-            _sync(device)
-            step_peak = torch.cuda.max_memory_allocated() - before
-        else:
-            tracker = LiveStorageBytes()
-            with tracker:
-                loss = loss_of(model, batch)
-                saved_bytes = sum(saved.values())
-                loss.backward()
-                del loss
-            step_peak = tracker.peak
-    _zero_grads(model, batch)
-    return {"peak_mib": (model_bytes(model) + step_peak) / MiB, "saved_mib": saved_bytes / MiB}
-
-
-# ----------------------------------------------------------------------------------------------- FLOPs
-
-
-def _module_shapes(model: nn.Module) -> dict[str, tuple[int, int, int]]:
-    """Return {gated module: (d_in, d_out, r)}."""
-    out = {}
-    for name, mod in tspeft.gated_modules(model).items():
-        base = mod.get_base_layer() if hasattr(mod, "get_base_layer") else mod.base_layer
-        out[name] = (base.in_features, base.out_features, layer_rank(mod))
-    return out
-
-
-def flop_accounting(model: nn.Module, tokens: int, stats: dict[str, dict[str, Any]]) -> dict[str, float]:
-    r"""Return adapter GFLOP per step at the measured sparsity (a gated model, `stats` of one step).
-
-    A low-rank update on N tokens costs 2 N r (d_in + d_out) forward (z = A x, then B z) and twice that
-    backward (dB, dz, dA, dx through A): 6 N r (d_in + d_out) per module. With N_in inactive tokens:
-
-    - ``adapter_gflop``: the dense cost, every token.
-    - ``bound_skip_gflop``: the paper's theoretical bound, 6 N_in r (d_in + d_out): every FLOP of an
-      inactive token skipped.
-    - ``achievable_skip_gflop``: 4 N_in r (d_in + d_out). A learnt gate cannot skip z = A x for any token
-      (its norm decides the mask) nor B^T g (mu_i of an inactive token enters g_k, Eq. 15): that is
-      ``gate_needs_gflop`` = 2 N_in r (d_in + d_out); B (mask z), dB, dA and dx through A could be skipped.
-    - ``impl_skip_gflop``: what this implementation skips: 0. It keeps dense shapes (no gather, no host
-      sync): the masked rows of mask * z (forward) and of dz and dB's operand (backward) are zeros inside
-      dense matmuls. What it saves instead is memory traffic and memory: no d_out-sized delta is formed
-      or saved for backward, the update is one in-place addmm, and x's two input gradients share a buffer.
-    """
-    dense = bound = 0.0
-    for name, (d_in, d_out, r) in _module_shapes(model).items():
-        row = stats[name]
-        inactive = tokens * (1.0 - int(row["active"]) / max(int(row["tokens"]), 1))
-        dense += 6.0 * tokens * r * (d_in + d_out)
-        bound += 6.0 * inactive * r * (d_in + d_out)
-    return {
-        "adapter_gflop": dense / 1e9,
-        "bound_skip_gflop": bound / 1e9,
-        "gate_needs_gflop": bound / 3.0 / 1e9,
-        "achievable_skip_gflop": 2.0 * bound / 3.0 / 1e9,
-        "impl_skip_gflop": 0.0,
-    }
-
-
-def base_linear_gflop(base: nn.Module, tokens: int) -> float:
-    """Return the frozen base's linear-layer GFLOPs for one step: forward + input gradient, 4 N d_in d_out."""
-    return sum(4.0 * tokens * m.in_features * m.out_features for m in base.modules() if isinstance(m, nn.Linear)) / 1e9
-
+from .bench_models import (
+    KINDS,
+    LABELS,
+    PRESETS,
+    Preset,
+    build_base,
+    build_variant,
+    calibrate_thresholds,
+    loss_of,
+    make_batch,
+    set_thresholds,
+)
+from .measure import (
+    MEMORY_MEANING,
+    base_linear_gflop,
+    flop_accounting,
+    memory_step,
+    paired_ratio,
+    paired_ratio_ci,
+    timed_step,
+    zero_grads,
+)
 
 # ----------------------------------------------------------------------------------------------- the run
 
@@ -449,7 +145,7 @@ def run(
                 row.times.append(ms)
                 row.cpu_times.append(cpu_ms)
     for row in rows:
-        _zero_grads(models[row.model_key], batch)
+        zero_grads(models[row.model_key], batch)
     if memory:
         say("memory passes")
         for row in rows:
@@ -483,22 +179,6 @@ def _ts_path(device: str, dtype: str) -> str:
     return f"pytorch ({why})" if why else "pytorch"
 
 
-def _paired_ratio(times: list[float], ref: list[float]) -> float:
-    """Return the median over rounds of time / reference time measured in the same round."""
-    return statistics.median(t / r for t, r in zip(times, ref))
-
-
-def _paired_ratio_ci(times: list[float], ref: list[float], level: float = 0.95, draws: int = 2000) -> list[float]:
-    """Return a bootstrap interval [lo, hi] of :func:`_paired_ratio` (rounds resampled; fixed seed)."""
-    import random
-
-    ratios = [t / r for t, r in zip(times, ref)]
-    rng = random.Random(0)
-    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(draws))
-    tail = (1.0 - level) / 2
-    return [medians[int(tail * (draws - 1))], medians[int((1.0 - tail) * (draws - 1))]]
-
-
 def _assemble(rows: list[Row], p: Preset, preset_name: str, device: str, repeats: int, warmup: int,
               lam: float, active: float) -> list[dict[str, Any]]:
     import peft
@@ -522,11 +202,11 @@ def _assemble(rows: list[Row], p: Preset, preset_name: str, device: str, repeats
         rec: dict[str, Any] = {
             "name": row.name, "kind": row.kind, "ts": row.ts, "setting": row.setting,
             "ms": ms[row.name], "ms_runs": row.times,
-            "ratio_to_dense": _paired_ratio(row.times, dense.times) if dense is not None else None,
-            "ratio_to_dense_ci95": _paired_ratio_ci(row.times, dense.times) if dense is not None else None,
-            "ratio_to_floor": _paired_ratio(row.times, rows[0].times),
+            "ratio_to_dense": paired_ratio(row.times, dense.times) if dense is not None else None,
+            "ratio_to_dense_ci95": paired_ratio_ci(row.times, dense.times) if dense is not None else None,
+            "ratio_to_floor": paired_ratio(row.times, rows[0].times),
             "cpu_ms": statistics.median(row.cpu_times) if cpu else None,
-            "cpu_ratio_to_dense": _paired_ratio(row.cpu_times, dense.cpu_times) if cpu and dense is not None else None,
+            "cpu_ratio_to_dense": paired_ratio(row.cpu_times, dense.cpu_times) if cpu and dense is not None else None,
             "peak_mib": row.result.get("peak_mib"), "saved_mib": row.result.get("saved_mib"),
             "sparsity": row.result.get("sparsity", 0.0 if row.kind != "floor" else None),
             "threshold": None if row.taus is None else ("per-module, calibrated" if row.setting == "half" else 0.0),

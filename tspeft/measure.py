@@ -1,0 +1,196 @@
+"""What one training step costs: its time, its peak memory (also on CPU, where torch keeps no allocator
+statistics), the activations it saves, and the adapter FLOPs a token-sparse implementation could skip."""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import tspeft
+
+from .bench_models import Batch, loss_of
+from .layers import layer_rank
+
+MiB = 2**20
+
+MEMORY_MEANING = {
+    "cuda": "peak_mib = model weights + rise of torch.cuda.max_memory_allocated during forward+backward",
+    "cpu": "peak_mib = model weights + peak of live tensor storages allocated by torch ops during "
+    "forward+backward (dispatch-mode tracker; allocator caching and library scratch not included)",
+}
+
+
+# ----------------------------------------------------------------------------------------------- measurement
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def zero_grads(model: nn.Module, batch: Batch) -> None:
+    model.zero_grad(set_to_none=True)
+    batch.embeds.grad = None
+
+
+def timed_step(model: nn.Module, batch: Batch, device: str) -> tuple[float, float]:
+    """Return (wall ms, process CPU ms) of one forward + backward (grads zeroed before, outside the timing)."""
+    zero_grads(model, batch)
+    _sync(device)
+    c0, t0 = time.process_time(), time.perf_counter()
+    loss_of(model, batch).backward()
+    _sync(device)
+    return (time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3
+
+
+class LiveStorageBytes(TorchDispatchMode):
+    """Tracks the bytes of tensor storages allocated by torch ops while active, and their peak.
+
+    An op output whose storage is not one of the op's inputs' is a new allocation; it is subtracted
+    when the storage is freed (a weakref finalizer: torch keeps a storage's Python object alive with it).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._keys: set[int] = set()
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self._keys.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or t.is_meta:
+                continue
+            st = t.untyped_storage()
+            key, nbytes = st._cdata, st.nbytes()
+            if nbytes == 0 or key in inputs or key in self._keys:
+                continue
+            self._keys.add(key)
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(st, self._free, key, nbytes)
+        return out
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Return the bytes of the model's parameters and buffers (unique storages)."""
+    seen: dict[int, int] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        st = t.untyped_storage()
+        seen[st._cdata] = st.nbytes()
+    return sum(seen.values())
+
+
+def memory_step(model: nn.Module, batch: Batch, device: str) -> dict[str, float]:
+    """Return peak_mib (weights + step peak) and saved_mib (activations saved for backward) of one step."""
+    weights = {t.untyped_storage()._cdata for t in list(model.parameters()) + list(model.buffers())}
+    weights.add(batch.embeds.untyped_storage()._cdata)
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        if st._cdata not in weights:
+            saved[st._cdata] = st.nbytes()
+        return t
+
+    zero_grads(model, batch)
+    gc.collect()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        if device.startswith("cuda"):
+            _sync(device)
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            loss = loss_of(model, batch)
+            saved_bytes = sum(saved.values())
+            loss.backward()
+            _sync(device)
+            step_peak = torch.cuda.max_memory_allocated() - before
+        else:
+            tracker = LiveStorageBytes()
+            with tracker:
+                loss = loss_of(model, batch)
+                saved_bytes = sum(saved.values())
+                loss.backward()
+                del loss
+            step_peak = tracker.peak
+    zero_grads(model, batch)
+    return {"peak_mib": (model_bytes(model) + step_peak) / MiB, "saved_mib": saved_bytes / MiB}
+
+
+# ----------------------------------------------------------------------------------------------- FLOPs
+
+
+def _module_shapes(model: nn.Module) -> dict[str, tuple[int, int, int]]:
+    """Return {gated module: (d_in, d_out, r)}."""
+    out = {}
+    for name, mod in tspeft.gated_modules(model).items():
+        base = mod.get_base_layer() if hasattr(mod, "get_base_layer") else mod.base_layer
+        out[name] = (base.in_features, base.out_features, layer_rank(mod))
+    return out
+
+
+def flop_accounting(model: nn.Module, tokens: int, stats: dict[str, dict[str, Any]]) -> dict[str, float]:
+    r"""Return adapter GFLOP per step at the measured sparsity (a gated model, `stats` of one step).
+
+    A low-rank update on N tokens costs 2 N r (d_in + d_out) forward (z = A x, then B z) and twice that
+    backward (dB, dz, dA, dx through A): 6 N r (d_in + d_out) per module. With N_in inactive tokens:
+
+    - ``adapter_gflop``: the dense cost, every token.
+    - ``bound_skip_gflop``: the paper's theoretical bound, 6 N_in r (d_in + d_out): every FLOP of an
+      inactive token skipped.
+    - ``achievable_skip_gflop``: 4 N_in r (d_in + d_out). A learnt gate cannot skip z = A x for any token
+      (its norm decides the mask) nor B^T g (mu_i of an inactive token enters g_k, Eq. 15): that is
+      ``gate_needs_gflop`` = 2 N_in r (d_in + d_out); B (mask z), dB, dA and dx through A could be skipped.
+    - ``impl_skip_gflop``: what this implementation skips: 0. It keeps dense shapes (no gather, no host
+      sync): the masked rows of mask * z (forward) and of dz and dB's operand (backward) are zeros inside
+      dense matmuls. What it saves instead is memory traffic and memory: no d_out-sized delta is formed
+      or saved for backward, the update is one in-place addmm, and x's two input gradients share a buffer.
+    """
+    dense = bound = 0.0
+    for name, (d_in, d_out, r) in _module_shapes(model).items():
+        row = stats[name]
+        inactive = tokens * (1.0 - int(row["active"]) / max(int(row["tokens"]), 1))
+        dense += 6.0 * tokens * r * (d_in + d_out)
+        bound += 6.0 * inactive * r * (d_in + d_out)
+    return {
+        "adapter_gflop": dense / 1e9,
+        "bound_skip_gflop": bound / 1e9,
+        "gate_needs_gflop": bound / 3.0 / 1e9,
+        "achievable_skip_gflop": 2.0 * bound / 3.0 / 1e9,
+        "impl_skip_gflop": 0.0,
+    }
+
+
+def base_linear_gflop(base: nn.Module, tokens: int) -> float:
+    """Return the frozen base's linear-layer GFLOPs for one step: forward + input gradient, 4 N d_in d_out."""
+    return sum(4.0 * tokens * m.in_features * m.out_features for m in base.modules() if isinstance(m, nn.Linear)) / 1e9
+
+
+def paired_ratio(times: list[float], ref: list[float]) -> float:
+    """Return the median over rounds of time / reference time measured in the same round."""
+    return statistics.median(t / r for t, r in zip(times, ref))
+
+
+def paired_ratio_ci(times: list[float], ref: list[float], level: float = 0.95, draws: int = 2000) -> list[float]:
+    """Return a bootstrap interval [lo, hi] of :func:`paired_ratio` (rounds resampled; fixed seed)."""
+    import random
+
+    ratios = [t / r for t, r in zip(times, ref)]
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(draws))
+    tail = (1.0 - level) / 2
+    return [medians[int(tail * (draws - 1))], medians[int((1.0 - tail) * (draws - 1))]]
