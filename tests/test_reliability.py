@@ -95,6 +95,32 @@ def test_gradient_checkpointing_gives_the_same_grads_and_counts(reentrant):
     assert any(0 < a < t for a, t in counts0.values())  # masks are partial: the gate matters
 
 
+def test_checkpoint_context_fn_replays_each_forwards_padding_mask():
+    """Two forwards with different padding, one backward: the recompute must use each forward's own mask."""
+    a = batch("llama", seed=1, b=3, t=10, pad=0)  # no padding
+    b = batch("llama", seed=2, b=3, t=10, pad=6)  # same shape, rows 1-2 mostly padding
+    results = {}
+    for how in ("plain", "checkpoint + context_fn", "checkpoint alone"):
+        model = _ts_llama()
+        model.train()
+        if how != "plain":
+            kwargs = {"use_reentrant": False}
+            if how == "checkpoint + context_fn":
+                kwargs["context_fn"] = tspeft.checkpoint_context_fn(model)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        (model(**a).loss + model(**b).loss).backward()
+        results[how] = (_tau_grads(model), _adapter_grads(model))
+    tau0, ad0 = results["plain"]
+    tau1, ad1 = results["checkpoint + context_fn"]
+    for n in tau0:
+        torch.testing.assert_close(tau1[n], tau0[n], rtol=1e-6, atol=1e-9, msg=n)
+    for n in ad0:
+        torch.testing.assert_close(ad1[n], ad0[n], rtol=1e-6, atol=1e-9, msg=n)
+    # without it the first forward is recomputed under the second's mask: g_k counts the wrong tokens
+    tau2, _ = results["checkpoint alone"]
+    assert any(not torch.allclose(tau2[n], tau0[n], rtol=1e-6, atol=1e-9) for n in tau0)
+
+
 # --------------------------------------------------------------------------------------------------
 # 3. Mixed precision and loss scaling
 

@@ -12,7 +12,7 @@ from .config import TSConfig
 from .gate import token_gate
 from .io import from_pretrained, is_token_selective, load_ts_state, save_pretrained, save_ts_state
 from .lowrank import dora_gate, low_rank_gate
-from .model import controller, disable, enable, gated_modules, is_enabled
+from .model import checkpoint_context_fn, controller, disable, enable, gated_modules, is_enabled
 from .optim import (
     TSOptimizer,
     adapter_parameters,
@@ -38,6 +38,7 @@ __all__ = [
     "ParallelAdapter",
     "TSConfig",
     "all_reduce_stats",
+    "checkpoint_context_fn",
     "TSOptimizer",
     "adapter_parameters",
     "add_parallel_adapter",

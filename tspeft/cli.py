@@ -24,6 +24,7 @@ _HELP = {
     "model": "'minilm' (bundled), 'smollm2-135m' (optional package), a hub id or a local path",
     "method": "lora | dora | adalora | adapter",
     "selective": "token-selective (TS-) run; --dense for the plain PEFT method",
+    "gradient_checkpointing": "non-reentrant activation checkpointing (TS runs replay each forward's padding mask)",
     "lam": "lambda of Eq. 15: price of one active token (larger = sparser)",
     "s": "threshold step scale (Eq. 20); must fit the run's length",
     "rule": "adam (Eq. 16-20) or plain (Appendix A.2 ablation)",

@@ -9,8 +9,10 @@ the threshold's gradient nor in sparsity.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import weakref
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -126,6 +128,37 @@ def controller(model: nn.Module) -> TSController:
 def gated_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Return the model's gated layers by module name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, GatedLayer)}
+
+
+def checkpoint_context_fn(model: nn.Module) -> Callable[[], tuple[Any, Any]]:
+    """Return a ``context_fn`` for non-reentrant gradient checkpointing that replays each forward's padding mask.
+
+    A checkpointed block runs its forward again during backward; the gates read the padding mask the
+    model's pre-hook captured, which by then belongs to the latest forward. When several forwards with
+    different masks precede one backward (e.g. chosen and rejected sequences, or any loss over two
+    batches), the recompute of the earlier ones would count the wrong tokens in g_k. Pass this as
+    ``model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False,
+    "context_fn": tspeft.checkpoint_context_fn(model)})`` (``tspeft train`` does); reentrant
+    checkpointing has no such hook.
+    """
+    ctrl = controller(model)
+
+    def context_fn() -> tuple[Any, Any]:
+        # called when the checkpointed block runs forward: its mask is the current one
+        return contextlib.nullcontext(), _token_mask_as(ctrl, ctrl.token_mask)
+
+    return context_fn
+
+
+@contextlib.contextmanager
+def _token_mask_as(ctrl: TSController, mask: torch.Tensor | None) -> Iterator[None]:
+    """Run a block's recompute with the padding mask of its original forward, then restore the current one."""
+    current = ctrl.token_mask
+    ctrl.token_mask = mask
+    try:
+        yield
+    finally:
+        ctrl.token_mask = current
 
 
 def is_enabled(model: nn.Module) -> bool:

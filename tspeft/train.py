@@ -22,7 +22,7 @@ from torch import nn
 from .config import TSConfig
 from .data import collate, compute_metrics, encode_examples, load_task, score_choices
 from .io import atomic_write
-from .model import enable, is_enabled
+from .model import checkpoint_context_fn, enable, is_enabled
 from .optim import adapter_parameters, attach_grad_scaler, optimizer
 from .stats import all_reduce_stats, module_stats, overall_sparsity, reset_stats
 
@@ -146,7 +146,10 @@ def build_model(cfg: RunConfig, total_steps: int, spec) -> tuple[nn.Module, Any,
     if cfg.selective:
         enable(model, cfg.ts_config())
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs: dict[str, Any] = {"use_reentrant": False}
+        if cfg.selective:  # the recompute must see the padding mask of the forward it replays
+            kwargs["context_fn"] = checkpoint_context_fn(model)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return model, tokenizer, head
 
 
