@@ -171,15 +171,24 @@ def _drop(x2: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor | None
     return xd2, None if replay else keep, state
 
 
-def _dropped_again(ctx, x2: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, float, torch.Tensor]:
-    """Return (src, scale, keep) in backward, with dropout(x) = scale * src and keep as 0/1 in x's dtype:
-    from the saved keep mask, or drawn again from the saved generator state (then src is dropout(x)
-    itself and scale 1)."""
+def _dropped_again(ctx, x2: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Return (dropout(x) or None, keep as 0/1 in x's dtype) in backward: from the saved keep mask (then
+    None: the caller forms x * keep, scaled by 1 / (1 - p)), or drawn again from the saved generator state."""
     if keep is None:
         xd2, keep = dropout.replay(x2, ctx.p, ctx.rng)
-        return xd2, 1.0, dropout.as_float(keep, x2.dtype)
-    keep = dropout.as_float(keep, x2.dtype)
-    return x2 * keep, 1.0 / (1.0 - ctx.p), keep
+        return xd2, dropout.as_float(keep, x2.dtype)
+    return None, dropout.as_float(keep, x2.dtype)
+
+
+def _dropout_input(ctx, x2: torch.Tensor, xd2: torch.Tensor | None, keep: torch.Tensor,
+                   spare: torch.Tensor | None) -> tuple[torch.Tensor, float]:
+    """Return (src, scale) with dropout(x) = scale * src for A's gradient, writing x * keep into `spare`
+    (a free (N, d_in) buffer of backward) when there is one: one d_in-sized allocation fewer."""
+    if xd2 is not None:
+        return xd2, 1.0
+    if spare is not None and spare.dtype == x2.dtype and spare.shape == x2.shape:
+        return torch.mul(x2, keep, out=spare), 1.0 / (1.0 - ctx.p)
+    return x2 * keep, 1.0 / (1.0 - ctx.p)
 
 
 class LinearLowRankGate(torch.autograd.Function):
@@ -229,17 +238,19 @@ class LinearLowRankGate(torch.autograd.Function):
         grads: list[torch.Tensor | None] = [None] * 13
         Ad = _cast(A, dtype)
         drop = ctx.p > 0.0 and (need[1] or need[4])
-        src, src_scale = x2, 1.0  # dropout(x) = src_scale * src
+        xd2 = spare = None
         if drop:
-            src, src_scale, keep = _dropped_again(ctx, x2, keep)
+            xd2, keep = _dropped_again(ctx, x2, keep)
         if need[1]:
             grad_x = g @ _cast(weight, dtype)  # (N, d_in): the frozen base's input gradient
             if not drop:
                 grad_x.addmm_(gz, Ad)  # + A's, in place: one d_in-sized buffer
             else:  # + A's, through dropout: keep / (1 - p)
-                grad_x.add_((gz @ Ad).mul_(keep), alpha=1.0 / (1.0 - ctx.p))
+                spare = (gz @ Ad).mul_(keep)
+                grad_x.add_(spare, alpha=1.0 / (1.0 - ctx.p))
             grads[1] = grad_x.view(ctx.x_shape)
         if need[4]:
+            src, src_scale = _dropout_input(ctx, x2, xd2, keep, spare) if drop else (x2, 1.0)
             gzs = gz if src_scale == 1.0 else gz * src_scale  # dropout's scale on the (N, r) factor
             grads[4] = _cast(gzs.t() @ _cast(src, dtype), A.dtype)  # (r, d_in)
         if need[5]:
@@ -472,18 +483,19 @@ class LinearDoraGate(torch.autograd.Function):
         )
         W, Ad = _cast(weight, dtype), _cast(A, dtype)
         grads: list[torch.Tensor | None] = [None] * 15
-        src, src_scale = x2, 1.0  # dropout(x) = src_scale * src
+        xd2 = spare = None
         if drop and (need[1] or need[4]):
-            src, src_scale, keep = _dropped_again(ctx, x2, keep)
+            xd2, keep = _dropped_again(ctx, x2, keep)
         if need[1]:
             grad_x = (g if drop else r["base"]) @ W  # (N, d_in): through the frozen base (and b' = base - bias)
             if not drop:
                 grad_x.addmm_(r["z"], Ad)  # + A's, in place
             else:  # + through dropout(x): b' = W0 dropout(x) and z = A dropout(x)
-                grad_xd = (r["bprime"] @ W).addmm_(r["z"], Ad).mul_(keep)
-                grad_x.add_(grad_xd, alpha=1.0 / (1.0 - ctx.p))
+                spare = (r["bprime"] @ W).addmm_(r["z"], Ad).mul_(keep)
+                grad_x.add_(spare, alpha=1.0 / (1.0 - ctx.p))
             grads[1] = grad_x.view(ctx.x_shape)
         if need[4]:
+            src, src_scale = _dropout_input(ctx, x2, xd2, keep, spare) if drop else (x2, 1.0)
             grad_A = r["z"].t() @ _cast(src, dtype)  # (r, d_in)
             grads[4] = _cast(grad_A if src_scale == 1.0 else grad_A.mul_(src_scale), A.dtype)
         if need[5]:
