@@ -161,6 +161,14 @@ def low_rank_gate(
     return LowRankGate.apply(base, z, B, scale, bias, threshold, real, float(lam), lam_factor, stats)
 
 
+def _fused_base(base: torch.Tensor, p: float) -> torch.Tensor:
+    """Return the frozen output a fused gate updates in place (detached, contiguous); check the dropout p."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    base = base.detach()
+    return base if base.is_contiguous() else base.contiguous()
+
+
 def _drop(x2: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Return (dropout(x2), keep mask to save or None, generator state to replay or None) for p >= 0."""
     if p == 0.0:
@@ -279,10 +287,7 @@ def linear_low_rank_gate(
     lam_factor: LamFactor = None,
 ) -> torch.Tensor:
     """Return W0 x + b + mask * c * B A dropout_p(x) given base = W0 x + b (frozen W0, b): see LinearLowRankGate."""
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-    base = base.detach()
-    base = base if base.is_contiguous() else base.contiguous()
+    base = _fused_base(base, p)
     return LinearLowRankGate.apply(
         base, x, float(p), weight, A, B, scale, bias, threshold, real, float(lam), lam_factor, stats
     )
@@ -526,10 +531,7 @@ def linear_dora_gate(
     lam_factor: LamFactor = None,
 ) -> torch.Tensor:
     """Return base + mask * delta_DoRA given base = W0 x + b (frozen W0, b): see LinearDoraGate."""
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-    base = base.detach()
-    base = base if base.is_contiguous() else base.contiguous()
+    base = _fused_base(base, p)
     return LinearDoraGate.apply(
         base, x, float(p), weight, A, B, magnitude, weight_norm, scale, bias, threshold, real, float(lam), lam_factor, stats
     )
