@@ -51,12 +51,6 @@ def dropout_with_keep(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Te
     return x * noise.div_(1 - p), keep
 
 
-def as_float(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Return a bool mask as 0/1 in dtype. Through uint8: on CPU ~8x faster than ``keep.to(dtype)``, and a
-    float mask multiplies ~5x faster than a bool one."""
-    return keep.view(torch.uint8).to(dtype)
-
-
 def rng_state(x: torch.Tensor) -> torch.Tensor:
     """Return the state of the generator dropout on x's device draws from (a host tensor; no device sync)."""
     if x.is_cuda:

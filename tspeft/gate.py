@@ -42,14 +42,17 @@ def threshold_grad(
     lam_factor: LamFactor = None,
 ) -> torch.Tensor:
     """Return -g_k of Eq. 15 (a 0-d fp32 tensor) from per-token mu (N,), mask (N,) and real (N,) or None."""
-    # a non-finite mu (NaN/inf loss or gradient) must reach g_k so that the optimizer skips the step: NaN
-    # compares false, so an active token with mu = NaN or -inf would otherwise drop out of the sum silently
-    consistent = (mu >= 0).eq_(mask).logical_or_(~torch.isfinite(mu))
+    # The sum is a dot product with the consistency mask as 0/1, so that a non-finite mu (NaN/inf loss or
+    # gradient) reaches g_k and the optimizer skips the step: 0 * NaN and 0 * inf are NaN, where a
+    # select (mu where consistent, else 0) would drop an active token with mu = NaN silently (NaN >= 0
+    # is false). Padding is zeroed first: its outputs may be anything, and it never counts.
+    consistent = (mu >= 0).eq_(mask)
     active = mask
     if real is not None:
         consistent.logical_and_(real)
         active = active & real
-    g_k = torch.where(consistent, mu, 0.0).sum()
+        mu = torch.where(real, mu, 0.0)
+    g_k = torch.dot(as_float(consistent, mu.dtype), mu)
     if lam != 0.0:
         factor = 1.0 if lam_factor is None else lam_factor()
         count = active.sum(dtype=mu.dtype)
@@ -78,19 +81,32 @@ def record_stats(
     # ratio for statistics: a zero base row gives +inf in Eq. 3; clamp so that means stay finite
     ratio = delta_norm / base_norm.clamp_min(torch.finfo(base_norm.dtype).tiny)
     ratio = torch.nan_to_num_(ratio, nan=0.0, posinf=torch.finfo(ratio.dtype).max)
-    w = torch.ones_like(delta_norm) if real is None else real.to(delta_norm.dtype)
-    # one (4, N) @ (N,) product: [sum mask w, sum w (w is 0/1), sum ratio w, sum ||delta|| w]
-    cols = torch.stack([mask.to(w.dtype), w, ratio, delta_norm])
-    stats.add_(cols @ w)
+    dtype = delta_norm.dtype
+    if real is None:  # [active, N, sum ratio, sum ||delta||]: one (4, N) row sum
+        ones = torch.ones_like(delta_norm)
+        stats.add_(torch.stack([as_float(mask, dtype), ones, ratio, delta_norm]).sum(-1))
+        return
+    w = as_float(real, dtype)  # one (4, N) @ (N,) product: [sum mask w, sum w (w is 0/1), sum ratio w, sum ||delta|| w]
+    stats.add_(torch.stack([as_float(mask, dtype), w, ratio, delta_norm]) @ w)
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+_ACC = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.float32: torch.float32,
+        torch.float64: torch.float64}
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Return the dtype norms and mu are accumulated in: fp32, or fp64 for fp64 inputs."""
-    return torch.promote_types(dtype, torch.float32)
+    return _ACC.get(dtype) or torch.promote_types(dtype, torch.float32)  # a lookup: this runs per call
+
+
+def as_float(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Return a bool tensor as 0/1 in dtype. Through uint8: on CPU ~8x faster than ``mask.to(dtype)``, and
+    a float mask multiplies ~5x faster than a bool one."""
+    return mask.view(torch.uint8).to(dtype)
 
 
 class TokenGate(torch.autograd.Function):

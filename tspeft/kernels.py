@@ -86,7 +86,7 @@ def _build() -> SimpleNamespace | None:
     @triton.jit
     def gate_bwd(
         gb_ptr, z_ptr, mask_ptr, real_ptr, c_ptr, gz_ptr, zw_ptr, part_ptr,
-        N, R, stride_gb, stride_z, stride_gz, stride_zw, c_val, fmax,
+        N, R, stride_gb, stride_z, stride_gz, stride_zw, c_val,
         HAS_REAL: tl.constexpr, C_PTR: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
         pid = tl.program_id(0)
@@ -106,15 +106,17 @@ def _build() -> SimpleNamespace | None:
         w = tl.where(active, c, 0.0)
         tl.store(gz_ptr + rows[:, None] * stride_gz + cols[None, :], (gb * w[:, None]).to(gz_ptr.dtype.element_ty), mask=m2)
         tl.store(zw_ptr + rows[:, None] * stride_zw + cols[None, :], (z * w[:, None]).to(zw_ptr.dtype.element_ty), mask=m2)
-        # a non-finite mu always counts, so that a nan/inf loss reaches g_k (as tspeft.gate.threshold_grad)
-        nonfinite = (mu != mu) | (tl.abs(mu) > fmax)
-        consistent = (((mu >= 0.0) == active) | nonfinite) & rin
+        # sum of consistent mu as a product with a 0/1 weight, as tspeft.gate.threshold_grad: a non-finite
+        # mu of a real token gives nan (0 * inf, 0 * nan), so that a nan/inf loss reaches g_k
+        consistent = (mu >= 0.0) == active
         counted = active & rin
+        mu = tl.where(rin, mu, 0.0)
         if HAS_REAL:
             real = tl.load(real_ptr + rows, mask=rin, other=0) != 0
             consistent = consistent & real
             counted = counted & real
-        tl.store(part_ptr + pid * 3 + 0, tl.sum(tl.where(consistent, mu, 0.0), axis=0))
+            mu = tl.where(real, mu, 0.0)
+        tl.store(part_ptr + pid * 3 + 0, tl.sum(tl.where(consistent, 1.0, 0.0) * mu, axis=0))
         tl.store(part_ptr + pid * 3 + 1, tl.sum(tl.where(counted, 1.0, 0.0), axis=0))
         tl.store(part_ptr + pid * 3 + 2, tl.sum(tl.where(active & rin, dot, 0.0), axis=0))
 
@@ -226,7 +228,7 @@ def gate_backward(
     k.gate_bwd[(blocks,)](
         gB, z2, mask.view(torch.uint8), real.view(torch.uint8) if real is not None else mask.view(torch.uint8),
         c_t if c_ptr else gz, gz, zw, part,
-        n, r, gB.stride(0), z2.stride(0), gz.stride(0), zw.stride(0), c_v, torch.finfo(torch.float32).max,
+        n, r, gB.stride(0), z2.stride(0), gz.stride(0), zw.stride(0), c_v,
         HAS_REAL=real is not None, C_PTR=c_ptr, BLOCK=BLOCK_N, BLOCK_R=max(triton_next_pow2(r), 2),
     )
     return gz, zw, part.sum(0)

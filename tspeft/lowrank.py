@@ -25,7 +25,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import dropout, kernels
-from .gate import LamFactor, acc_dtype, gate_mask, inside_backward, record_stats, threshold_grad
+from .gate import LamFactor, acc_dtype, as_float, gate_mask, inside_backward, record_stats, threshold_grad
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -65,7 +65,7 @@ def _rank_forward(
     delta_norm = torch.linalg.vecdot(zg, za).clamp_min_(0).sqrt_().mul_(abs(c))  # (N,)
     mask = gate_mask(delta_norm, base_norm, _cast(threshold, acc))  # in forward: no autograd to detach from
     record_stats(stats, mask, real, delta_norm, base_norm)
-    w = _cast(mask, z2.dtype).mul_(c).unsqueeze_(-1)  # (N, 1): mask and scaling in one vector
+    w = as_float(mask, z2.dtype).mul_(c).unsqueeze_(-1)  # (N, 1): mask and scaling in one vector
     return z2 * w, mask
 
 
@@ -96,7 +96,7 @@ def _rank_backward(
             grad_tau = -g_k
         return gz, zw, grad_tau, sums[2] if need_scale else None
     dtype, acc = gB.dtype, acc_dtype(gB.dtype)
-    w = _cast(mask, dtype).mul_(c).unsqueeze_(-1)  # (N, 1)
+    w = as_float(mask, dtype).mul_(c).unsqueeze_(-1)  # (N, 1)
     gz = gB * w if need_gz else None
     zw = _cast(z2, dtype) * w if need_zw else None
     if need_tau or need_scale:
@@ -179,24 +179,54 @@ def _drop(x2: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor | None
     return xd2, None if replay else keep, state
 
 
+def _input_grads(
+    ctx, x2: torch.Tensor, keep: torch.Tensor | None, g: torch.Tensor, W: torch.Tensor, gz: torch.Tensor,
+    Ad: torch.Tensor, need_x: bool, need_A: bool, through: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    r"""Return (x's gradient (N, d_in), A's gradient (r, d_in)), each None unless needed, for a fused gate on
+    ``base = W0 x + b`` and ``z = A dropout(x)``:
+
+    .. math::
+        dx = g W_0 + D \odot (gz\, A + through\, W_0), \qquad dA = gz^T dropout(x)
+
+    with :math:`D` = keep / (1 - p) (1 without dropout); `through` is a gradient that also reaches x
+    through dropout and W0 (DoRA's b' under dropout). The large product ``g W0`` comes last, accumulated
+    (``addmm_``, beta = 1) into the buffer the rank-r terms filled: no separate sum of two d_in-sized
+    products, and on CPU the large GEMM writes into memory already touched (a fresh output costs a page
+    fault per 4 KiB inside it). Under dropout, the buffer of ``x * keep`` (for dA) is reused for dx.
+    """
+    p = ctx.p
+    if p == 0.0:
+        grad_A = gz.t() @ x2 if need_A else None
+        if not need_x:
+            return None, grad_A
+        return (gz @ Ad).addmm_(g, W), grad_A
+    xd2, keepf = _dropped_again(ctx, x2, keep)
+    s = 1.0 / (1.0 - p)
+    buf = grad_A = None
+    if need_A:
+        if xd2 is None:  # from the saved mask: dropout(x) = s * (x * keep)
+            buf = torch.mul(x2, keepf)
+            grad_A = (gz.t() @ buf).mul_(s)
+        else:  # drawn again: already dropout(x)
+            buf = xd2
+            grad_A = gz.t() @ buf
+    if not need_x:
+        return None, grad_A
+    gzs = gz * s  # dropout's scale on the (N, r) factor
+    buf = gzs @ Ad if buf is None else torch.mm(gzs, Ad, out=buf)
+    if through is not None:
+        buf.addmm_(through, W, alpha=s)
+    return buf.mul_(keepf).addmm_(g, W), grad_A
+
+
 def _dropped_again(ctx, x2: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Return (dropout(x) or None, keep as 0/1 in x's dtype) in backward: from the saved keep mask (then
-    None: the caller forms x * keep, scaled by 1 / (1 - p)), or drawn again from the saved generator state."""
+    None), or drawn again from the saved generator state."""
     if keep is None:
         xd2, keep = dropout.replay(x2, ctx.p, ctx.rng)
-        return xd2, dropout.as_float(keep, x2.dtype)
-    return None, dropout.as_float(keep, x2.dtype)
-
-
-def _dropout_input(ctx, x2: torch.Tensor, xd2: torch.Tensor | None, keep: torch.Tensor,
-                   spare: torch.Tensor | None) -> tuple[torch.Tensor, float]:
-    """Return (src, scale) with dropout(x) = scale * src for A's gradient, writing x * keep into `spare`
-    (a free (N, d_in) buffer of backward) when there is one: one d_in-sized allocation fewer."""
-    if xd2 is not None:
-        return xd2, 1.0
-    if spare is not None and spare.dtype == x2.dtype and spare.shape == x2.shape:
-        return torch.mul(x2, keep, out=spare), 1.0 / (1.0 - ctx.p)
-    return x2 * keep, 1.0 / (1.0 - ctx.p)
+        return xd2, as_float(keep, x2.dtype)
+    return None, as_float(keep, x2.dtype)
 
 
 class LinearLowRankGate(torch.autograd.Function):
@@ -244,23 +274,10 @@ class LinearLowRankGate(torch.autograd.Function):
             (need[1] or need[4], need[5], need[8], need[6]),
         )
         grads: list[torch.Tensor | None] = [None] * 13
-        Ad = _cast(A, dtype)
-        drop = ctx.p > 0.0 and (need[1] or need[4])
-        xd2 = spare = None
-        if drop:
-            xd2, keep = _dropped_again(ctx, x2, keep)
-        if need[1]:
-            grad_x = g @ _cast(weight, dtype)  # (N, d_in): the frozen base's input gradient
-            if not drop:
-                grad_x.addmm_(gz, Ad)  # + A's, in place: one d_in-sized buffer
-            else:  # + A's, through dropout: keep / (1 - p)
-                spare = (gz @ Ad).mul_(keep)
-                grad_x.add_(spare, alpha=1.0 / (1.0 - ctx.p))
-            grads[1] = grad_x.view(ctx.x_shape)
-        if need[4]:
-            src, src_scale = _dropout_input(ctx, x2, xd2, keep, spare) if drop else (x2, 1.0)
-            gzs = gz if src_scale == 1.0 else gz * src_scale  # dropout's scale on the (N, r) factor
-            grads[4] = _cast(gzs.t() @ _cast(src, dtype), A.dtype)  # (r, d_in)
+        if need[1] or need[4]:
+            grad_x, grad_A = _input_grads(ctx, x2, keep, g, _cast(weight, dtype), gz, _cast(A, dtype), need[1], need[4])
+            grads[1] = None if grad_x is None else grad_x.view(ctx.x_shape)
+            grads[4] = None if grad_A is None else _cast(grad_A, A.dtype)
         if need[5]:
             grads[5] = _cast((zw.t() @ g).t(), B.dtype)  # (d_out, r), as (r, N) @ (N, d_out): the faster order
         if grad_scale is not None:  # a tensor scale that trains (AdaLoRA's ranknum in some peft versions)
@@ -336,7 +353,7 @@ def _dora_forward(
     record_stats(stats, mask, real, delta_norm, base_norm)
     # out = base + mask * delta, one pass into delta's buffer (a bool-masked where/masked_fill is several
     # times slower on CPU). As in the rank-space gates, a non-finite delta of an inactive token gives nan.
-    return torch.addcmul(base2, delta, _cast(mask, dtype).unsqueeze(-1), out=delta), mask
+    return torch.addcmul(base2, delta, as_float(mask, dtype).unsqueeze(-1), out=delta), mask
 
 
 def _dora_backward(
@@ -359,7 +376,7 @@ def _dora_backward(
     pass-through g; bprime's is only the update's, m (s - 1) g.
     """
     dtype, acc = g.dtype, acc_dtype(g.dtype)
-    mf = _cast(mask, dtype).unsqueeze(-1)  # (N, 1): products with a float mask, not bool-masked where (slow on CPU)
+    mf = as_float(mask, dtype).unsqueeze(-1)  # (N, 1): products with a float mask, not bool-masked where (slow on CPU)
     Bs = (_cast(B, acc) * (c * sv).unsqueeze(-1)).to(dtype)  # (d_out, r): c s B
     gB = g @ Bs  # (N, r): c B^T (s g_i)
     out: dict[str, torch.Tensor] = {}
@@ -379,7 +396,7 @@ def _dora_backward(
         bp = bprime()
         gb = _cast(g, acc) * _cast(bp, acc)  # (N, d_out): g_i * b'_i, once for the magnitude and for mu
         if need.get("magnitude"):
-            mag = _cast(mask, acc) @ gb + c * (_cast(B, acc) * G).sum(-1)  # sum_i m_i g_i * (b'_i + c B z_i)
+            mag = as_float(mask, acc) @ gb + c * (_cast(B, acc) * G).sum(-1)  # sum_i m_i g_i * (b'_i + c B z_i)
             out["magnitude"] = mag / _cast(weight_norm, acc)
         if need.get("tau"):
             # mu_i = <g_i, (s - 1) b'_i> + <g_i, s c B z_i> = (g_i * b'_i) . (s - 1) + (c B^T (s g_i)) . z_i  (Eq. 9)
@@ -486,23 +503,14 @@ class LinearDoraGate(torch.autograd.Function):
             {"base": need[1] and not drop, "bprime": need[1] and drop, "z": need[1] or need[4],
              "B": need[5], "magnitude": need[6], "tau": need[10]},
         )
-        W, Ad = _cast(weight, dtype), _cast(A, dtype)
         grads: list[torch.Tensor | None] = [None] * 15
-        xd2 = spare = None
-        if drop and (need[1] or need[4]):
-            xd2, keep = _dropped_again(ctx, x2, keep)
-        if need[1]:
-            grad_x = (g if drop else r["base"]) @ W  # (N, d_in): through the frozen base (and b' = base - bias)
-            if not drop:
-                grad_x.addmm_(r["z"], Ad)  # + A's, in place
-            else:  # + through dropout(x): b' = W0 dropout(x) and z = A dropout(x)
-                spare = (r["bprime"] @ W).addmm_(r["z"], Ad).mul_(keep)
-                grad_x.add_(spare, alpha=1.0 / (1.0 - ctx.p))
-            grads[1] = grad_x.view(ctx.x_shape)
-        if need[4]:
-            src, src_scale = _dropout_input(ctx, x2, xd2, keep, spare) if drop else (x2, 1.0)
-            grad_A = r["z"].t() @ _cast(src, dtype)  # (r, d_in)
-            grads[4] = _cast(grad_A if src_scale == 1.0 else grad_A.mul_(src_scale), A.dtype)
+        if need[1] or need[4]:
+            grad_x, grad_A = _input_grads(
+                ctx, x2, keep, g if drop else r.get("base"), _cast(weight, dtype), r["z"], _cast(A, dtype),
+                need[1], need[4], through=r.get("bprime"),
+            )
+            grads[1] = None if grad_x is None else grad_x.view(ctx.x_shape)
+            grads[4] = None if grad_A is None else _cast(grad_A, A.dtype)
         if need[5]:
             grads[5] = _cast(r["B"], B.dtype)
         if need[6]:
