@@ -9,7 +9,7 @@ from conftest import batch, tiny_llama, with_adapter
 
 import tspeft
 from tspeft import dropout
-from tspeft.lowrank import linear_low_rank_gate, low_rank_gate
+from tspeft.lowrank import dora_gate, linear_dora_gate, linear_low_rank_gate, low_rank_gate
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 
@@ -93,6 +93,47 @@ def test_fused_dropout_equals_dropout_outside_the_gate(mode, device, monkeypatch
     torch.testing.assert_close(o0, o1, rtol=1e-12, atol=1e-12)
     for a, b in zip(g0, g1):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.4])
+@pytest.mark.parametrize("trains", ["x", "A", "xA"])
+@pytest.mark.parametrize("mode", dropout.MODES)
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_fused_gates_input_gradients_for_each_subset(method, mode, trains, p, monkeypatch):
+    """x's and A's gradients of both fused gates, with only x, only A or both requiring grad (the buffer
+    x * keep is reused for x's gradient when both do), against dropout and W0 outside the gate."""
+    monkeypatch.setenv("TSPEFT_DROPOUT", mode)
+    w, x, A, B, tau = _inputs(seed=2)
+    x.requires_grad_("x" in trains)
+    A.requires_grad_("A" in trains)
+    magnitude = torch.linalg.vector_norm(w, dim=1) * 1.3
+    weight_norm = torch.linalg.vector_norm(w + 0.7 * B.detach() @ A.detach(), dim=1)
+    results = []
+    for inside in (True, False):
+        for t in (x, A, B, tau):
+            t.grad = None
+        torch.manual_seed(3)
+        base = x.detach() @ w.t()
+        if inside and method == "lora":
+            out = linear_low_rank_gate(base, x, p, w, A, B, 0.7, tau, 1e-2)
+        elif inside:
+            out = linear_dora_gate(base, x, p, w, A, B, magnitude, weight_norm, 0.7, tau, 1e-2)
+        else:
+            xd = F.dropout(x, p, training=True)
+            if method == "lora":
+                out = low_rank_gate(x @ w.t(), xd @ A.t(), B, 0.7, tau, 1e-2)
+            else:
+                out = dora_gate(x @ w.t(), xd @ w.t() if p else None, xd @ A.t(), B, magnitude, weight_norm, 0.7,
+                                tau, 1e-2)
+        torch.manual_seed(11)
+        out.backward(torch.randn_like(out))
+        results.append((out.detach(), [None if t.grad is None else t.grad.clone() for t in (x, A, B, tau)]))
+    (o0, g0), (o1, g1) = results
+    torch.testing.assert_close(o0, o1, rtol=1e-12, atol=1e-12)
+    for name, a, b in zip("xABt", g0, g1):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
 
 
 @pytest.mark.parametrize("mode", dropout.MODES)
