@@ -39,6 +39,7 @@ from .reproduce_report import (
     ablation_section,
     device_name,
     fmt_num,
+    git_commit,
     render,
     selection_sections,
     table5_section,
@@ -362,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"min on an idle 2-core CPU if nothing is done yet; run directories under {runs}", flush=True)
     if ns.plan:
         return 0
-    started = time.time()
+    started, commit = time.time(), git_commit()  # before the report and figures are rewritten
     tune = tuning_jobs(mode, runs)
     records = execute(tune, shard, ns.wait)
     chosen = chosen_settings(mode, records, tune)
@@ -393,7 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     all_dirs = [j.config.output_dir for j in (*tune, *train_jobs, *select)]
     res.run_seconds, res.run_count = _run_seconds(all_dirs)
     notes = {r["task"]: r["note"] for r in res.tables}
-    report.write_text(render(res, ns.generated_by or _command_line(argv), started, notes))
+    report.write_text(render(res, ns.generated_by or _command_line(argv), started, notes, commit))
     summary = {"mode": dataclasses.asdict(mode), "chosen": chosen, "tables": res.tables, "ablation": res.ablation,
                "sweeps": res.sweeps, "verdicts": res.verdicts, "figures": res.figures,
                "run_seconds": res.run_seconds, "runs": res.run_count}
