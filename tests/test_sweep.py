@@ -207,6 +207,16 @@ def test_reproduce_plans_resumes_and_writes_the_report(tmp_path, monkeypatch):
     assert all(json.loads((Path(c) / "run.json").read_text())["config"]["eval_on"] == "val" for c in tune)
     tables = [c for c in calls if "/tables/" in c]
     assert all(json.loads((Path(c) / "run.json").read_text())["config"]["eval_on"] == "test" for c in tables)
+    # lambda and s are tuned per method (on the first task here) and each method's TS runs use its own choice
+    methods = reproduce.MODES["smoke"].methods
+    assert {json.loads((Path(c) / "run.json").read_text())["config"]["method"] for c in tune} == set(methods)
+    for c in tables:
+        cfg = json.loads((Path(c) / "run.json").read_text())["config"]
+        if cfg["selective"]:
+            pick = summary["chosen"][cfg["task"]][cfg["method"]]
+            assert (cfg["s"], cfg["lam"]) == (pick["s"], pick["lam"])
+            points = {(p["s"], p["lam"]): p["score"] for p in pick["grid"]}
+            assert len(points) == len(reproduce.MODES["smoke"].grid_lam) and points[(pick["s"], pick["lam"])] == pick["score"]
     # re-running trains nothing and writes the same verdicts
     monkeypatch.setattr(sweep_module, "train", _refuse)
     assert reproduce.main(args) == 0

@@ -2,8 +2,9 @@
 
 Stages, each resumable (a run whose ``run.json`` holds the same settings is reused, never retrained):
 
-1. ``tune``: lambda and s for TS-LoRA on a validation part of the train split (``val_fraction``,
-   ``eval_on="val"``), never on test; the rule that picks one is :func:`choose_setting`.
+1. ``tune``: lambda and s for each method's TS run on a validation part of the train split
+   (``val_fraction``, ``eval_on="val"``), never on test; the rule that picks one is :func:`choose_setting`.
+   The paper tunes lambda per task and method (AdaLoRA's, for one, is far smaller than LoRA's).
 2. ``train``: dense vs TS for every method, task and seed (Tables 1–3), and TS-LoRA with the plain threshold
    rule (Appendix A.2).
 3. ``select``: Table 4 (six strategies at 50%) and Figure 2 (cumulative fractions), trained from the seed-0
@@ -85,7 +86,7 @@ MODES = {
         (0.5, 1.0), 1, ("sst2",), {"sst2": 12, "boolq": 20},
         common={"logging_steps": 1, "save_steps": 100_000}),
     "quick": Mode(
-        "quick", ("sst2", "boolq"), ("lora", "dora", "adalora", "adapter"), 3, (1e-3, 3e-3), (1e-5, 1e-4), False,
+        "quick", ("sst2", "boolq"), ("lora", "dora", "adalora", "adapter"), 3, (3e-4, 1e-3, 3e-3), (1e-5, 1e-4), False,
         0.25,
         {"sst2": {"max_train": 600, "max_test": 272, "epochs": 3, "batch_size": 16, "max_length": 64},
          # BoolQ passages fill max_length: about 0.1 s per example and epoch on 2 idle cores at 128 tokens
@@ -127,44 +128,53 @@ def _config(settings: dict[str, Any]) -> RunConfig:
 
 
 def tuning_jobs(mode: Mode, runs: Path) -> list[Job]:
-    """Return stage 1: dense LoRA and the TS-LoRA (s, lam) grid, seed 0, scored on validation."""
+    """Return stage 1: per tuned task and method, the dense run and the TS (s, lam) grid, seed 0, scored on
+    validation."""
     jobs = []
     for task in mode.tuned_tasks():
         val = {"val_fraction": mode.val_fraction, "eval_on": "val", "seed": 0}
         where = runs / "tune" / task
-        jobs.append(Job("tune", f"tune {task} LoRA (dense)", _config(_settings(
-            mode, task, "lora", selective=False, output_dir=str(where / "lora-dense"), **val)),
-            {"task": task, "dense": True}))
-        for s in mode.grid_s:
-            for lam in mode.grid_lam:
-                cfg = _config(_settings(mode, task, "lora", selective=True, s=s, lam=lam,
-                                        output_dir=str(where / f"lora-s{fmt_num(s)}-lam{fmt_num(lam)}"), **val))
-                jobs.append(Job("tune", f"tune {task} TS-LoRA s={fmt_num(s)} lam={fmt_num(lam)}", cfg,
-                                {"task": task, "dense": False, "s": s, "lam": lam}))
+        for method in mode.methods:
+            name = METHOD_NAMES[method]
+            jobs.append(Job("tune", f"tune {task} {name} (dense)", _config(_settings(
+                mode, task, method, selective=False, output_dir=str(where / f"{method}-dense"), **val)),
+                {"task": task, "method": method, "dense": True}))
+            for s in mode.grid_s:
+                for lam in mode.grid_lam:
+                    cfg = _config(_settings(mode, task, method, selective=True, s=s, lam=lam, **val,
+                                            output_dir=str(where / f"{method}-s{fmt_num(s)}-lam{fmt_num(lam)}")))
+                    jobs.append(Job("tune", f"tune {task} TS-{name} s={fmt_num(s)} lam={fmt_num(lam)}", cfg,
+                                    {"task": task, "method": method, "dense": False, "s": s, "lam": lam}))
     return jobs
 
 
-def chosen_settings(mode: Mode, records: dict[str, dict[str, Any]], jobs: list[Job]) -> dict[str, dict[str, Any]]:
-    """Return per task the chosen grid point {s, lam, score, sparsity, source, grid, dense_val}."""
-    out: dict[str, dict[str, Any]] = {}
+def chosen_settings(mode: Mode, records: dict[str, dict[str, Any]],
+                    jobs: list[Job]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Return per task and method the chosen grid point {s, lam, score, sparsity, source, grid, dense_val};
+    a task that is not tuned takes the first task's choices."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
     for task in mode.tuned_tasks():
-        grid = [{"s": j.role["s"], "lam": j.role["lam"], "score": records[j.config.output_dir]["score"],
-                 "sparsity": records[j.config.output_dir]["sparsity"]}
-                for j in jobs if j.role["task"] == task and not j.role["dense"]]
-        dense = [records[j.config.output_dir]["score"] for j in jobs if j.role["task"] == task and j.role["dense"]]
-        out[task] = {**choose_setting(grid), "source": task, "grid": grid, "dense_val": dense[0] if dense else None}
+        out[task] = {}
+        for method in mode.methods:
+            mine = [j for j in jobs if j.role["task"] == task and j.role["method"] == method]
+            grid = [{"s": j.role["s"], "lam": j.role["lam"], "score": records[j.config.output_dir]["score"],
+                     "sparsity": records[j.config.output_dir]["sparsity"]} for j in mine if not j.role["dense"]]
+            dense = [records[j.config.output_dir]["score"] for j in mine if j.role["dense"]]
+            out[task][method] = {**choose_setting(grid), "source": task, "grid": grid,
+                                 "dense_val": dense[0] if dense else None}
     first = mode.tuned_tasks()[0]
     for task in mode.tasks:
-        out.setdefault(task, {**out[first], "source": first})
+        out.setdefault(task, {m: {**c, "source": first} for m, c in out[first].items()})
     return out
 
 
-def training_jobs(mode: Mode, runs: Path, chosen: dict[str, dict[str, Any]], parts: Sequence[str]) -> list[Job]:
+def training_jobs(mode: Mode, runs: Path, chosen: dict[str, dict[str, dict[str, Any]]],
+                  parts: Sequence[str]) -> list[Job]:
     """Return stage 2: dense and TS runs per task, method and seed; TS-LoRA with the plain rule (A.2)."""
     jobs = []
     for task in mode.tasks:
-        ts = {"lam": chosen[task]["lam"], "s": chosen[task]["s"]}
         for method in mode.methods:
+            ts = {"lam": chosen[task][method]["lam"], "s": chosen[task][method]["s"]}
             for seed in range(mode.seeds):
                 for selective in (False, True):
                     extra = ts if selective else {}
@@ -176,7 +186,7 @@ def training_jobs(mode: Mode, runs: Path, chosen: dict[str, dict[str, Any]], par
                                      "seed": seed}))
     if "ablation" in parts and "lora" in mode.methods:
         for task in (t for t in mode.ablation_tasks if t in mode.tasks):
-            ts = {"lam": chosen[task]["lam"], "s": chosen[task]["s"]}
+            ts = {"lam": chosen[task]["lora"]["lam"], "s": chosen[task]["lora"]["s"]}
             for seed in range(mode.seeds):
                 where = runs / "ablation" / task / f"lora-plain-seed{seed}"
                 cfg = _config(_settings(mode, task, "lora", selective=True, rule="plain", seed=seed,
@@ -246,7 +256,7 @@ def _write_timing(run_dir: Path, seconds: float) -> None:
 
 def count_plan(mode: Mode, parts: Sequence[str]) -> dict[str, int]:
     """Return the number of runs per stage (before anything is known about the tuning's outcome)."""
-    grid = len(mode.grid_s) * len(mode.grid_lam) + 1
+    grid = (len(mode.grid_s) * len(mode.grid_lam) + 1) * len(mode.methods)
     train = len(mode.tasks) * len(mode.methods) * mode.seeds * 2
     if "ablation" in parts and "lora" in mode.methods:
         train += mode.seeds * len([t for t in mode.ablation_tasks if t in mode.tasks])
@@ -367,8 +377,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     tune = tuning_jobs(mode, runs)
     records = execute(tune, shard, ns.wait)
     chosen = chosen_settings(mode, records, tune)
-    for task, c in chosen.items():
-        print(f"chosen for {task} (on {c['source']} validation): s={fmt_num(c['s'])} lam={fmt_num(c['lam'])}")
+    for task, per_method in chosen.items():
+        for method, c in per_method.items():
+            print(f"chosen for {task} {METHOD_NAMES[method]} (on {c['source']} validation): s={fmt_num(c['s'])} "
+                  f"lam={fmt_num(c['lam'])}")
     train_jobs = training_jobs(mode, runs, chosen, parts)
     records.update(execute(train_jobs, shard, ns.wait))
     select = selection_jobs(mode, runs, parts)
