@@ -4,7 +4,8 @@
 #
 #   bash benchmarks/gpu_check.sh            # from the repository root; results in $OUT (default ./gpu_out)
 #
-# `python` must have torch (CUDA), transformers, peft and triton; the repository is put on PYTHONPATH.
+# `python` must have torch (CUDA), transformers, peft and triton, and pytest for step 1; the repository is put
+# on PYTHONPATH. Nothing else of the package's dependencies is needed (no bundled data, no plots).
 #  1. the Triton kernels against the PyTorch reference (tests/test_kernels.py), dropout inside the gate against
 #     F.dropout on CUDA (tests/test_dropout.py), and the benchmark's tests;
 #  2. the GPU benchmark with the PyTorch path for the TS rows (TSPEFT_KERNELS=0): bench_gpu_pytorch.{json,txt};
@@ -43,6 +44,10 @@ print("device:", torch.cuda.get_device_name() if torch.cuda.is_available() else 
 EOF
 cat "$OUT/env.txt"
 
+if ! python -c "import pytest" 2>/dev/null; then
+  echo "== tests: pytest is not importable: the kernel and dropout tests cannot run (pure Python: put it on PYTHONPATH)"
+  status=1
+fi
 step tests 150 python -m pytest tests/test_kernels.py tests/test_dropout.py tests/test_bench.py -q -p no:cacheprovider -x
 TSPEFT_KERNELS=0 step bench_pytorch 200 python benchmarks/step.py --device cuda --preset llama8b-4layers \
   --json "$OUT/bench_gpu_pytorch.json" --table "$OUT/bench_gpu_pytorch.txt"

