@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -100,8 +101,36 @@ def test_nonfinite_g_k_skips_the_threshold_update_with_a_warning():
     taus[0].grad = torch.tensor([float("nan")])
     with pytest.warns(RuntimeWarning, match="non-finite threshold gradient"):
         opt.step()
-    assert taus[0].item() == 0.0 and "exp_avg" not in opt.state.get(taus[0], {})
-    assert taus[1].item() > 0.0
+    skipped, healthy = opt.state[taus[0]], opt.state[taus[1]]
+    assert taus[0].item() == 0.0 and float(skipped["step"]) == 0.0
+    assert float(skipped["exp_avg"]) == 0.0 == float(skipped["exp_avg_sq"]) and float(skipped["skipped"]) == 1.0
+    assert taus[1].item() > 0.0 and float(healthy["step"]) == 1.0 and float(healthy["skipped"]) == 0.0
+    assert tspeft.report_skipped_updates(model) == {}  # each skip is reported once
+    # then a finite g_k: this threshold's first step, with its own step count (bias correction of step 1)
+    taus[0].grad = torch.tensor([-1.0])
+    opt.step()
+    assert abs(taus[0].item() - 1e-2) < 1e-7 and float(skipped["step"]) == 1.0
+
+
+def test_nonfinite_g_k_on_a_device_is_reported_when_the_host_reads(monkeypatch):
+    # On CUDA the step must not wait for the device to learn whether a g_k was finite: the update selects on
+    # the device, and the skip is reported at the next read (the training log's). Simulated on CPU.
+    monkeypatch.setattr(tspeft.TSOptimizer, "_reads_are_free", staticmethod(lambda devices: False))
+    model = tspeft.enable(with_adapter(tiny_llama(), "llama", "lora"), tspeft.TSConfig(s=1e-2))
+    opt = tspeft.optimizer(model, lr=1e-3)
+    names, taus = zip(*tspeft.threshold_parameters(model).items())
+    for step in range(3):
+        for p in taus:
+            p.grad = torch.tensor([-1.0])
+        taus[1].grad = torch.tensor([float("nan")]) if step < 2 else torch.tensor([-1.0])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no warning inside the step
+            opt.step()
+    with pytest.warns(RuntimeWarning, match="2 threshold update"):
+        assert tspeft.report_skipped_updates(model) == {names[1]: 2}
+    assert tspeft.report_skipped_updates(model) == {}
+    assert float(opt.state[taus[1]]["step"]) == 1.0 and float(opt.state[taus[0]]["step"]) == 3.0
+    assert abs(taus[1].item() - 1e-2) < 1e-7  # one Adam step: s * mhat / sqrt(vhat) with mhat = vhat^0.5
 
 
 @pytest.mark.parametrize("method", ["lora", "dora", "adalora", "adapter"])

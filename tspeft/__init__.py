@@ -19,6 +19,7 @@ from .optim import (
     attach_grad_scaler,
     clip_grad_norm_,
     optimizer,
+    report_skipped_updates,
     threshold_parameters,
     threshold_state,
 )
@@ -59,6 +60,7 @@ __all__ = [
     "optimizer",
     "overall_sparsity",
     "parallel_adapters",
+    "report_skipped_updates",
     "reset_stats",
     "save_pretrained",
     "save_ts_state",

@@ -8,7 +8,8 @@ The threshold rule (Eq. 16-20) is Adam applied to a parameter whose gradient is 
     mhat = m_k / (1 - b1^k)                    vhat = v_k / (1 - b2^k)
     tau <- tau + alpha_k s mhat / (sqrt(vhat) + eps)
 
-so thresholds are a param group of AdamW with lr = s, betas/eps from TSConfig and no weight decay. A
+so thresholds are a param group with lr = s, betas/eps from TSConfig and no weight decay, in an AdamW that
+updates that group itself (AdamW's arithmetic, all of a device's thresholds as one vector, no host sync). A
 LambdaLR-style scheduler multiplies every group's lr by the same alpha_k, which is the paper's schedule
 following. The Appendix A.2 ablation (``rule="plain"``) is ``tau <- tau + alpha_k s g_k``.
 """
@@ -48,33 +49,87 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0, *
 class TSOptimizer(torch.optim.AdamW):
     """AdamW for adapters plus the threshold rule (Eq. 16-20, or plain) for groups marked ``ts_threshold``.
 
-    A threshold whose g_k is NaN or inf skips its update for that step, with a warning (its moments and
-    step count stay as they were); adapter parameters are left to the caller's loss scaler as usual.
+    The thresholds of a group are updated together, as vectors on their device, with no host sync: a module
+    whose g_k is NaN or inf keeps its threshold, moments and step count for that step (a select, not a
+    branch). Such skips are counted per threshold (``state["skipped"]``) and reported as a RuntimeWarning by
+    :meth:`report_skipped`: at once when the thresholds live on the CPU (reading them costs nothing there),
+    otherwise when the host reads anyway (the training log, :func:`report_skipped_updates`), so that a
+    CUDA step never waits for the device. Adapter parameters are left to the caller's loss scaler as usual.
     """
 
     def _threshold_groups(self) -> list[dict]:
         return [g for g in self.param_groups if g.get("ts_threshold")]
 
-    def _drop_nonfinite(self) -> dict[nn.Parameter, torch.Tensor]:
-        """Detach non-finite threshold grads (returned, to restore after the step)."""
-        params = [p for g in self._threshold_groups() for p in g["params"] if p.grad is not None]
-        if not params:
-            return {}
-        finite = torch.isfinite(torch.cat([p.grad.reshape(-1) for p in params]))
-        if bool(finite.all()):  # one host sync per optimizer step, not per layer
-            return {}
-        bad = [p for p, ok in zip(params, finite.tolist()) if not ok]
-        names = [getattr(p, "_ts_name", "?") for p in bad]
-        warnings.warn(
-            f"tspeft: non-finite threshold gradient (g_k) in {len(bad)} module(s) {names[:5]}; "
-            "their thresholds are not updated this step",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        stash = {p: p.grad for p in bad}
-        for p in bad:
-            p.grad = None
-        return stash
+    def _tau_state(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if "exp_avg" not in state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        elif state["step"].device != p.device:  # a loaded state keeps AdamW's CPU step: moved once
+            state["step"] = state["step"].to(p.device)
+        return state
+
+    def _skip_counter(self, p: torch.Tensor) -> torch.Tensor:
+        state = self.state[p]
+        if "skipped" not in state:
+            state["skipped"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        return state["skipped"]
+
+    @torch.no_grad()
+    def _update_thresholds(self, group: dict, params: list[torch.Tensor]) -> None:
+        """Apply the group's rule to `params` (thresholds of one device, each with a gradient -g_k)."""
+        dtype = torch.promote_types(params[0].dtype, torch.float32)
+        grad = torch.cat([p.grad.reshape(1) for p in params]).to(dtype)
+        ok = torch.isfinite(grad)
+        grad = torch.where(ok, grad, 0.0)
+        tau = torch.cat([p.detach().reshape(1) for p in params]).to(dtype)
+        lr = group["lr"]
+        if group["ts_rule"] == "plain":  # Appendix A.2: tau <- tau + lr * g_k (a skipped grad is 0 here)
+            new = tau - lr * grad
+        else:  # Eq. 16-20, as AdamW computes them, per threshold and step count
+            b1, b2 = group["betas"]
+            states = [self._tau_state(p) for p in params]
+            step = torch.stack([s["step"] for s in states]) + ok
+            m = torch.cat([s["exp_avg"].reshape(1) for s in states]).to(dtype)
+            v = torch.cat([s["exp_avg_sq"].reshape(1) for s in states]).to(dtype)
+            m = torch.where(ok, m * b1 + grad * (1 - b1), m)
+            v = torch.where(ok, v * b2 + grad * grad * (1 - b2), v)
+            bc1 = 1 - torch.pow(b1, step).to(dtype)  # 0 where a threshold was never updated: not selected below
+            bc2 = 1 - torch.pow(b2, step).to(dtype)
+            new = torch.where(ok, tau - lr * (m / bc1) / (v.sqrt() / bc2.sqrt() + group["eps"]), tau)
+            torch._foreach_copy_([s["step"] for s in states], list(step.unbind(0)))
+            torch._foreach_copy_([s["exp_avg"] for s in states], list(m.reshape(-1, 1).unbind(0)))
+            torch._foreach_copy_([s["exp_avg_sq"] for s in states], list(v.reshape(-1, 1).unbind(0)))
+        torch._foreach_copy_(params, list(new.reshape(-1, 1).unbind(0)))
+        counters = [self._skip_counter(p) for p in params]
+        torch._foreach_copy_(counters, list((torch.stack([c.float() for c in counters]) + ~ok).unbind(0)))
+
+    def report_skipped(self) -> dict[str, int]:
+        """Warn about threshold updates skipped (non-finite g_k) since the last report; return {module: count}.
+
+        Reads one counter vector per device: a host sync on CUDA, so call it where the host reads anyway."""
+        params = [p for g in self._threshold_groups() for p in g["params"] if "skipped" in self.state.get(p, {})]
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for p in params:
+            by_device.setdefault(p.device, []).append(p)
+        reported = self.__dict__.setdefault("_ts_reported", {})
+        new: dict[str, int] = {}
+        for ps in by_device.values():
+            for p, count in zip(ps, torch.stack([self.state[p]["skipped"].float() for p in ps]).tolist()):
+                name = getattr(p, "_ts_name", "?")
+                if count > reported.get(name, 0):
+                    new[name] = int(count) - reported.get(name, 0)
+                    reported[name] = int(count)
+        if new:
+            names = list(new)
+            warnings.warn(
+                f"tspeft: non-finite threshold gradient (g_k) in {len(names)} module(s) {names[:5]}: "
+                f"{sum(new.values())} threshold update(s) skipped (threshold, moments and step count kept)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return new
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -82,26 +137,49 @@ class TSOptimizer(torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        stash = self._drop_nonfinite()
-        saved_lr = []
+        stash: dict[torch.Tensor, torch.Tensor] = {}
+        devices: set[torch.device] = set()
         for group in self._threshold_groups():
-            saved_lr.append(group["lr"])
+            saved_lr = group["lr"]
             if not group["ts_follow_schedule"]:
                 group["lr"] = group["ts_s"]
-            if group["ts_rule"] == "plain":  # Appendix A.2: tau <- tau + lr * g_k  (grad = -g_k)
-                for p in group["params"]:
-                    if p.grad is not None:
-                        p.add_(p.grad, alpha=-group["lr"])
-                        stash.setdefault(p, p.grad)
-                        p.grad = None
+            by_device: dict[torch.device, list[torch.Tensor]] = {}
+            for p in group["params"]:
+                if p.grad is not None:
+                    by_device.setdefault(p.device, []).append(p)
+            try:
+                for device, params in by_device.items():
+                    self._update_thresholds(group, params)
+                    devices.add(device)
+            finally:
+                group["lr"] = saved_lr
+            for params in by_device.values():
+                for p in params:  # AdamW below must not touch the thresholds
+                    stash[p] = p.grad
+                    p.grad = None
         try:
             super().step()
         finally:
-            for group, lr in zip(self._threshold_groups(), saved_lr):
-                group["lr"] = lr
             for p, grad in stash.items():
                 p.grad = grad
+        if devices and self._reads_are_free(devices):
+            self.report_skipped()
         return loss
+
+    @staticmethod
+    def _reads_are_free(devices: set[torch.device]) -> bool:
+        """Return True if reading the skip counters costs no wait for a device (CPU tensors only)."""
+        return all(d.type == "cpu" for d in devices)
+
+
+def report_skipped_updates(model: nn.Module) -> dict[str, int]:
+    """Warn about and return the threshold updates of `model` skipped since the last report (non-finite g_k).
+
+    On CUDA the optimizer step does not read its skip counters (that would wait for the device); the
+    training log calls this at each logging step. Returns {} when no tspeft optimizer is attached."""
+    ctrl = controller(model)
+    opt = ctrl.optimizer_ref() if ctrl.optimizer_ref is not None else None
+    return opt.report_skipped() if isinstance(opt, TSOptimizer) else {}
 
 
 def optimizer(
@@ -177,7 +255,7 @@ def threshold_state(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
         return out
     for name, p in threshold_parameters(model).items():
         state = opt.state.get(p)
-        if state and "exp_avg" in state:
+        if state and "exp_avg" in state and float(state["step"]) > 0:  # never updated (only skips): nothing to keep
             out[name] = {k: torch.as_tensor(state[k]).detach().cpu().reshape(-1) for k in ("step", "exp_avg", "exp_avg_sq")}
     return out
 

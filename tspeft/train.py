@@ -23,7 +23,7 @@ from .config import TSConfig
 from .data import collate, compute_metrics, encode_examples, load_task, score_choices
 from .io import atomic_write
 from .model import checkpoint_context_fn, enable, is_enabled
-from .optim import adapter_parameters, attach_grad_scaler, optimizer
+from .optim import adapter_parameters, attach_grad_scaler, optimizer, report_skipped_updates
 from .stats import all_reduce_stats, module_stats, overall_sparsity, reset_stats
 
 METHODS = ("lora", "dora", "adalora", "adapter")
@@ -233,6 +233,7 @@ def _callbacks(run_dir: Path, model: nn.Module, method: str):
                       "lr": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
                       "threshold_mean": None, "sparsity": None, "modules": {}}
             if is_enabled(model):
+                report_skipped_updates(model)  # threshold updates skipped for a non-finite g_k (read here on CUDA)
                 all_reduce_stats(model)  # data parallel: every rank's tokens (a collective: on every rank)
                 stats = module_stats(model)
                 taus = [v["threshold"] for v in stats.values()]
