@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import peft
 import pytest
 import torch
 
@@ -36,6 +37,9 @@ def test_train_writes_a_run_directory_and_eval_reproduces_it(tiny_model_dir, tmp
     assert record["steps"] == 12 and record["metric"] == "accuracy" and 0 <= record["score"] <= 100
     assert 0.0 < record["sparsity"] < 1.0
     assert "seeded split" in record["note"]
+    origin = record["provenance"]  # which code trained the run: reported by tspeft reproduce
+    assert origin["tspeft"] == tspeft.__version__ and origin["peft"] == peft.__version__
+    assert origin["torch"] == torch.__version__ and (origin["commit"] is None or len(origin["commit"]) >= 7)
     lines = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert len(lines) == 12 and all(len(x["modules"]) == len(record["modules"]) for x in lines)
     assert any(x["threshold_mean"] > 0 for x in lines)

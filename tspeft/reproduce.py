@@ -25,6 +25,7 @@ import os
 import shlex
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ from .recipes import load_recipe
 from .reproduce_report import (
     Results,
     ablation_section,
+    commit_of,
     device_name,
     fmt_num,
     git_commit,
@@ -405,6 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     res.sections = [s for s in res.sections if s]
     all_dirs = [j.config.output_dir for j in (*tune, *train_jobs, *select)]
     res.run_seconds, res.run_count = _run_seconds(all_dirs)
+    res.run_commits = dict(Counter(commit_of(records[d]) for d in dict.fromkeys(all_dirs) if d in records))
     notes = {r["task"]: r["note"] for r in res.tables}
     report.write_text(render(res, ns.generated_by or _command_line(argv), started, notes, commit))
     summary = {"mode": dataclasses.asdict(mode), "chosen": chosen, "tables": res.tables, "ablation": res.ablation,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -13,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .provenance import describe_commit, git_state
 from .verdicts import (
     ABLATION_DROP,
     ABLATION_FACTOR,
@@ -111,6 +111,7 @@ class Results:
     figures: dict[str, str] = field(default_factory=dict)
     run_seconds: float = 0.0
     run_count: int = 0
+    run_commits: dict[str, int] = field(default_factory=dict)  # commit that trained them -> runs
 
 
 def _scores(records: list[dict[str, Any]], **where: Any) -> list[float]:
@@ -360,6 +361,8 @@ def render(res: Results, command: str, started: float, notes: dict[str, str], co
         f"Device: {device_name()}. Training time, summed over the {res.run_count} runs behind this page: "
         f"{res.run_seconds / 60:.1f} min (per-run times in each run's `timing.json`); this invocation: "
         f"{minutes:.1f} min. Re-running the command reuses every finished run.\n",
+        *([f"Runs by the commit that trained them (a run is reused while its settings match, whatever the code): "
+           f"{_commit_counts(res.run_commits)}.\n"] if res.run_commits else []),
         "Model: the bundled all-MiniLM-L6-v2 (6-layer BERT encoder, 22.7M parameters), targets Q,K,V,O,I. "
         "Data: seeded splits of the bundled validation sets (no official test labels offline):\n",
         *(f"- {note}" for note in notes.values()), "",
@@ -386,12 +389,17 @@ def _seeds(n: int) -> str:
 
 def git_commit() -> str:
     """Return " (commit <sha>[, with uncommitted changes])" for the working tree, or "" outside git."""
-    try:
-        root = Path(__file__).resolve().parent.parent
-        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return f" (commit {sha}{', with uncommitted changes' if dirty else ''})"
-    except (OSError, subprocess.SubprocessError):
-        return ""
+    text = describe_commit(git_state())
+    return f" (commit {text})" if text else ""
+
+
+def commit_of(record: dict[str, Any]) -> str:
+    """Return the commit a run record says trained it, in words ("not recorded" for older runs)."""
+    origin = record.get("provenance") or {}
+    if not origin.get("commit"):
+        return "not recorded"
+    return describe_commit((origin["commit"], bool(origin.get("dirty"))))
+
+
+def _commit_counts(counts: dict[str, int]) -> str:
+    return "; ".join(f"{commit}: {n}" for commit, n in sorted(counts.items(), key=lambda kv: -kv[1]))

@@ -2,7 +2,7 @@
 
 ``train(RunConfig(...))`` builds the model and adapter, trains, evaluates on the test split (or, with
 ``eval_on="val"``, on the ``val_fraction`` of train held out for choosing lambda and s) and writes a run
-directory: ``run.json`` (scores, sparsity, per-module statistics), ``log.jsonl`` (per logging step: loss, lr,
+directory: ``run.json`` (scores, sparsity, per-module statistics, provenance), ``log.jsonl`` (per logging step: loss, lr,
 thresholds and sparsity of every module), ``adapter/`` (the saved adapter, thresholds included) and
 ``checkpoints/`` (adapters, thresholds and optimizer state; ``resume=True`` continues a killed run).
 """
@@ -24,6 +24,7 @@ from .data import collate, compute_metrics, encode_examples, load_task, score_ch
 from .io import atomic_write
 from .model import checkpoint_context_fn, enable, is_enabled
 from .optim import adapter_parameters, attach_grad_scaler, optimizer, report_skipped_updates
+from .provenance import provenance
 from .stats import all_reduce_stats, module_stats, overall_sparsity, reset_stats
 
 METHODS = ("lora", "dora", "adalora", "adapter")
@@ -307,6 +308,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
 
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    origin = provenance()  # the code that trains, taken before training (the tree may change meanwhile)
     data = _load_data(cfg)
     steps_per_epoch = math.ceil(len(data.train) / (cfg.batch_size * cfg.grad_accum))
     total_steps = max(1, math.ceil(steps_per_epoch * cfg.epochs))
@@ -353,7 +355,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         "task": cfg.task, "model": cfg.model, "method": cfg.method, "selective": cfg.selective, "seed": cfg.seed,
         "label": cfg.label, "metric": result["metric"], "score": result["score"], "metrics": result["metrics"],
         "sparsity": result["sparsity"], "note": data.note, "steps": trainer.state.global_step,
-        "config": asdict(cfg), "modules": result["modules"] or _dense_module_stats(model),
+        "config": asdict(cfg), "modules": result["modules"] or _dense_module_stats(model), "provenance": origin,
     }
     text = json.dumps(record, indent=2) + "\n"
     atomic_write(run_dir / "run.json", lambda tmp: Path(tmp).write_text(text))
