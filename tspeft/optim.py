@@ -57,6 +57,14 @@ class TSOptimizer(torch.optim.AdamW):
     CUDA step never waits for the device. Adapter parameters are left to the caller's loss scaler as usual.
     """
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._ts_reported: dict[str, int] = {}  # skips already warned about, per module
+
+    def __setstate__(self, state: dict) -> None:  # a pickled Optimizer keeps only defaults, state and groups
+        super().__setstate__(state)
+        self.__dict__.setdefault("_ts_reported", {})
+
     def _threshold_groups(self) -> list[dict]:
         return [g for g in self.param_groups if g.get("ts_threshold")]
 
@@ -110,12 +118,9 @@ class TSOptimizer(torch.optim.AdamW):
 
         Reads one counter vector per device: a host sync on CUDA, so call it where the host reads anyway."""
         params = [p for g in self._threshold_groups() for p in g["params"] if "skipped" in self.state.get(p, {})]
-        by_device: dict[torch.device, list[torch.Tensor]] = {}
-        for p in params:
-            by_device.setdefault(p.device, []).append(p)
-        reported = self.__dict__.setdefault("_ts_reported", {})
+        reported = self._ts_reported
         new: dict[str, int] = {}
-        for ps in by_device.values():
+        for ps in _by_device(params).values():
             for p, count in zip(ps, torch.stack([self.state[p]["skipped"].float() for p in ps]).tolist()):
                 name = getattr(p, "_ts_name", "?")
                 if count > reported.get(name, 0):
@@ -143,10 +148,7 @@ class TSOptimizer(torch.optim.AdamW):
             saved_lr = group["lr"]
             if not group["ts_follow_schedule"]:
                 group["lr"] = group["ts_s"]
-            by_device: dict[torch.device, list[torch.Tensor]] = {}
-            for p in group["params"]:
-                if p.grad is not None:
-                    by_device.setdefault(p.device, []).append(p)
+            by_device = _by_device([p for p in group["params"] if p.grad is not None])
             try:
                 for device, params in by_device.items():
                     self._update_thresholds(group, params)
@@ -170,6 +172,14 @@ class TSOptimizer(torch.optim.AdamW):
     def _reads_are_free(devices: set[torch.device]) -> bool:
         """Return True if reading the skip counters costs no wait for a device (CPU tensors only)."""
         return all(d.type == "cpu" for d in devices)
+
+
+def _by_device(params: list[torch.Tensor]) -> dict[torch.device, list[torch.Tensor]]:
+    """Return `params` grouped by device, in order (thresholds of a model split over devices)."""
+    out: dict[torch.device, list[torch.Tensor]] = {}
+    for p in params:
+        out.setdefault(p.device, []).append(p)
+    return out
 
 
 def report_skipped_updates(model: nn.Module) -> dict[str, int]:
