@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tspeft
-from tspeft.lowrank import dora_gate, dora_weight_norm, low_rank_gate
+from tspeft.lowrank import dora_gate, dora_weight_norm, linear_low_rank_gate, low_rank_gate
 
 
 def test_hand_worked_example_eq_2_3_9_15():
@@ -90,6 +90,61 @@ def test_rank_space_equals_generic_fp64(with_bias):
             grads.append((out.detach(), A.grad.clone(), B.grad.clone(), tau.grad.clone()))
         for a, b in zip(*grads):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def _saved_bytes(fn) -> int:
+    """Return (fn(), bytes of the distinct non-parameter storages autograd saved while running it)."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if not isinstance(t, torch.nn.Parameter):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+@pytest.mark.parametrize("keep_z", [True, False])
+def test_linear_gate_equals_generic_fp64_whether_z_is_kept_or_computed_again(keep_z):
+    torch.manual_seed(1)
+    n, d_in, d_out, r = 20, 6, 8, 3
+    x = torch.randn(n, d_in, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(d_out, d_in, dtype=torch.float64)
+    A = torch.randn(r, d_in, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(d_out, r, dtype=torch.float64, requires_grad=True)
+    real = torch.rand(n) > 0.2
+    g = torch.randn(n, d_out, dtype=torch.float64)
+    for tau_value in (0.0, 0.3, 0.6):
+        grads = []
+        for fast in (True, False):
+            tau = torch.nn.Parameter(torch.tensor([tau_value]))
+            x.grad = A.grad = B.grad = None
+            if fast:
+                out = linear_low_rank_gate(x.detach() @ W.t(), x, 0.0, W, A, B, 0.7, tau, 1e-2, real, keep_z=keep_z)
+            else:
+                out = _generic_low_rank(x @ W.t(), x @ A.t(), B, 0.7, tau, 1e-2, real, None)
+            out.backward(g)
+            grads.append((out.detach(), x.grad.clone(), A.grad.clone(), B.grad.clone(), tau.grad.clone()))
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_linear_gate_without_z_keeps_r_elements_per_token_less(p):
+    """keep_z=False saves z's N r elements (no dropout); under dropout z is kept either way."""
+    torch.manual_seed(2)
+    n, d_in, d_out, r = 16, 6, 8, 3
+    x = torch.randn(n, d_in, requires_grad=True)
+    W, A, B = torch.randn(d_out, d_in), torch.randn(r, d_in, requires_grad=True), torch.randn(d_out, r)
+    tau = torch.nn.Parameter(torch.tensor([0.2]))
+    sizes = {}
+    for keep_z in (True, False):
+        torch.manual_seed(3)
+        _, sizes[keep_z] = _saved_bytes(lambda k=keep_z: linear_low_rank_gate(x.detach() @ W.t(), x, p, W, A, B, 0.5,
+                                                                               tau, 0.0, keep_z=k))
+    assert sizes[True] - sizes[False] == (n * r * 4 if p == 0.0 else 0)
 
 
 def test_dora_gate_equals_generic_fp64():

@@ -226,3 +226,59 @@ def test_a_deepcopy_of_an_enabled_model_uses_its_own_padding_mask():
     assert tspeft.controller(model).token_mask is None
     tokens = {v["tokens"] for v in tspeft.module_stats(twin).values()}
     assert tokens == {int(data["attention_mask"].sum())}
+
+
+def test_masks_cost_no_saved_memory_against_peft_lora():
+    """Saved activations of one forward, against peft's LoRA (no dropout), by hand: every gated module keeps
+    a one-byte mask per token that peft does not, each z computed again in backward keeps N r fp32 fewer,
+    and "auto" takes the first ceil(n / 2r) modules: in total no more than peft."""
+    dense = with_adapter(tiny_llama(), "llama", "lora", r=4)
+    data = batch("llama", pad=3)
+    n_tokens = data["input_ids"].numel()
+
+    def saved_bytes(model):
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}  # also when saved as a view (W.t())
+        seen = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in weights:
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        model.train()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(**data)
+        return sum(seen.values())
+
+    peft_bytes = saved_bytes(dense)
+    sizes, models = {}, {}
+    for policy in ("none", "auto", "all"):
+        models[policy] = tspeft.enable(copy.deepcopy(dense), tspeft.TSConfig(recompute_z=policy))
+        sizes[policy] = saved_bytes(models[policy])
+    n = len(tspeft.gated_modules(models["none"]))  # 2 layers x q, k, v, up, down
+    z_bytes = n_tokens * 4 * 4  # r = 4, fp32
+    real_bytes = n_tokens  # the padding mask as bool, kept once for all modules
+    assert sizes["none"] == peft_bytes + n * n_tokens + real_bytes
+    k = -(-n // (2 * 4))
+    assert sizes["auto"] == sizes["none"] - k * z_bytes
+    assert sizes["all"] == sizes["none"] - n * z_bytes
+    assert sizes["auto"] <= peft_bytes
+    recomputing = [name for name, m in tspeft.gated_modules(models["auto"]).items() if not m._ts_keep_z]
+    assert recomputing == list(tspeft.gated_modules(models["auto"]))[:k]
+    # the same gradients whichever z is kept
+    grads = []
+    for policy in ("none", "auto"):
+        models[policy].zero_grad()
+        models[policy](**data).loss.backward()
+        grads.append({name: p.grad for name, p in models[policy].named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=0, atol=0)
+    assert "_ts_keep_z" not in tspeft.disable(models["auto"]).base_model.model.model.layers[0].self_attn.q_proj.__dict__
+
+
+def test_recompute_z_skips_dora_and_rejects_unknown_policies():
+    model = tspeft.enable(with_adapter(tiny_llama(), "llama", "dora"), tspeft.TSConfig(recompute_z="all"))
+    assert all(m._ts_keep_z for m in tspeft.gated_modules(model).values())
+    with pytest.raises(ValueError, match="recompute_z must be one of"):
+        tspeft.TSConfig(recompute_z="some")

@@ -10,6 +10,7 @@ from typing import Any
 
 CONFIG_NAME = "tspeft_config.json"
 RULES = ("adam", "plain")
+RECOMPUTE = ("auto", "all", "none")
 
 
 def _finite_number(name: str, value: Any, *, low: float | None = None, low_open: bool = False) -> float:
@@ -64,6 +65,15 @@ class TSConfig:
     target_modules: list[str] | None = None
     """Names (suffixes of module names) of the adapter layers to gate; None gates every adapter layer."""
 
+    recompute_z: str = "auto"
+    """Which LoRA/AdaLoRA modules compute their rank-space activations ``z = A x`` again in backward
+    instead of keeping them (modules without dropout on a frozen ``nn.Linear``; numerics unchanged).
+    Token selection keeps one byte per token and module that dense LoRA does not (the mask), and each
+    ``z`` not kept saves r elements per token. "auto": the fewest modules that pay for every mask
+    (one per 2 r gated modules, the first ones), so that a step keeps no more than dense LoRA, for a
+    negligible cost. "all": every module (least memory, about one more rank-r product per module and
+    step). "none": keep every ``z``."""
+
     def __post_init__(self) -> None:
         self.lam = _finite_number("lam", self.lam, low=0.0)
         self.s = _finite_number("s", self.s, low=0.0, low_open=True)
@@ -81,6 +91,8 @@ class TSConfig:
             raise ValueError(f"TSConfig.rule must be one of {RULES}, got {self.rule!r}")
         if not isinstance(self.follow_schedule, bool):
             raise TypeError(f"TSConfig.follow_schedule must be a bool, got {self.follow_schedule!r}")
+        if self.recompute_z not in RECOMPUTE:
+            raise ValueError(f"TSConfig.recompute_z must be one of {RECOMPUTE}, got {self.recompute_z!r}")
         if self.target_modules is not None:
             if isinstance(self.target_modules, str):
                 self.target_modules = [self.target_modules]

@@ -22,6 +22,9 @@ from .lowrank import dora_gate, dora_weight_norm, linear_dora_gate, linear_low_r
 
 GatedForward = Callable[[nn.Module, torch.Tensor, torch.Tensor, dict[str, Any]], torch.Tensor]
 
+KEEP_Z = "_ts_keep_z"
+"""Instance attribute of a gated layer: False if its z is computed again in backward (TSConfig.recompute_z)."""
+
 
 def _active(layer: nn.Module) -> str:
     names = layer.active_adapters
@@ -70,7 +73,8 @@ def _rank_space(
     lin = _frozen_linear(layer)
     p = _plain_dropout_p(dropout)
     if lin is not None and p is not None:  # dropout drawn inside the fused gate, dropout(x) not kept
-        return linear_low_rank_gate(base, x, p, lin.weight, A, B, scale, bias=lin.bias, **gate)
+        keep_z = layer.__dict__.get(KEEP_Z, True)
+        return linear_low_rank_gate(base, x, p, lin.weight, A, B, scale, bias=lin.bias, keep_z=keep_z, **gate)
     xd, _ = _dropped(dropout, x)
     z = F.linear(xd, A.to(xd.dtype))  # (..., r)
     return low_rank_gate(base, z, B, scale, bias=_bias(layer), **gate)
@@ -155,6 +159,16 @@ def unsupported_reason(layer: nn.Module) -> str | None:
         if name is not None and name in getattr(layer, "lora_variant", {}) and not layer.use_dora.get(name, False):
             return f"LoRA variant {type(layer.lora_variant[name]).__name__} is not supported"
     return None
+
+
+def recomputable_rank(layer: nn.Module) -> int:
+    """Return the width r of the z a layer's gate can compute again in backward (LoRA, AdaLoRA), else 0."""
+    if not isinstance(layer, (LoraLinear, SVDLinear)) or _frozen_linear(layer) is None:
+        return 0
+    name = layer.active_adapters[0]
+    if isinstance(layer, LoraLinear) and layer.use_dora.get(name, False):
+        return 0
+    return int(layer.lora_A[name].weight.shape[0] if isinstance(layer, LoraLinear) else layer.lora_A[name].shape[0])
 
 
 def layer_rank(layer: nn.Module) -> int:

@@ -239,11 +239,13 @@ class LinearLowRankGate(torch.autograd.Function):
     in place. ``p`` is the dropout probability (0: none); the mask is drawn as ``F.dropout`` draws it.
     Saved for backward: x (shared with every other module that reads it), z, the token mask, and under
     dropout either the keep mask (one byte per element) or only the generator state to draw it again
-    (:mod:`tspeft.dropout`); never ``dropout(x)`` and nothing d_out-sized.
+    (:mod:`tspeft.dropout`); never ``dropout(x)`` and nothing d_out-sized. With ``keep_z=False`` and no
+    dropout, z is not saved but computed again in backward from x (one (N, d_in) x (d_in, r) product):
+    r elements per token less to keep (see ``TSConfig.recompute_z``).
     """
 
     @staticmethod
-    def forward(ctx, base, x, p, weight, A, B, scale, bias, threshold, real, lam, lam_factor, stats):
+    def forward(ctx, base, x, p, weight, A, B, scale, bias, threshold, real, lam, lam_factor, stats, keep_z):
         dtype, acc = base.dtype, acc_dtype(base.dtype)
         base2 = base.view(-1, base.shape[-1])  # (N, d_out)
         x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
@@ -254,7 +256,7 @@ class LinearLowRankGate(torch.autograd.Function):
         zw, mask = _rank_forward(z2, B, c, _base_norm(base2, bias, acc), threshold, real, stats)
         base2.addmm_(zw, _cast(B, dtype).t())
         ctx.mark_dirty(base)
-        ctx.save_for_backward(x2, z2, A, B, weight, mask, real, keep)
+        ctx.save_for_backward(x2, z2 if keep_z or p != 0.0 else None, A, B, weight, mask, real, keep)
         ctx.c, ctx.lam, ctx.lam_factor, ctx.p, ctx.rng = c, lam, lam_factor, p, state
         ctx.x_shape, ctx.tau_dtype = x.shape, threshold.dtype
         if isinstance(scale, torch.Tensor):
@@ -269,11 +271,13 @@ class LinearLowRankGate(torch.autograd.Function):
         dtype = g.dtype
         need = ctx.needs_input_grad
         gB = g @ _cast(B, dtype)  # (N, r): B^T g_i, for dz and mu
+        if z2 is None:  # not kept (keep_z=False, no dropout): the forward's product again
+            z2 = x2 @ _cast(A, dtype).t()
         gz, zw, grad_tau, grad_scale = _rank_backward(
             gB, z2, mask, real, ctx.c, ctx.lam, ctx.lam_factor,
             (need[1] or need[4], need[5], need[8], need[6]),
         )
-        grads: list[torch.Tensor | None] = [None] * 13
+        grads: list[torch.Tensor | None] = [None] * 14
         if need[1] or need[4]:
             grad_x, grad_A = _input_grads(ctx, x2, keep, g, _cast(weight, dtype), gz, _cast(A, dtype), need[1], need[4])
             grads[1] = None if grad_x is None else grad_x.view(ctx.x_shape)
@@ -302,11 +306,15 @@ def linear_low_rank_gate(
     bias: torch.Tensor | None = None,
     stats: torch.Tensor | None = None,
     lam_factor: LamFactor = None,
+    keep_z: bool = True,
 ) -> torch.Tensor:
-    """Return W0 x + b + mask * c * B A dropout_p(x) given base = W0 x + b (frozen W0, b): see LinearLowRankGate."""
+    """Return W0 x + b + mask * c * B A dropout_p(x) given base = W0 x + b (frozen W0, b): see LinearLowRankGate.
+
+    keep_z=False: without dropout, z = A x is computed again in backward instead of being kept.
+    """
     base = _fused_base(base, p)
     return LinearLowRankGate.apply(
-        base, x, float(p), weight, A, B, scale, bias, threshold, real, float(lam), lam_factor, stats
+        base, x, float(p), weight, A, B, scale, bias, threshold, real, float(lam), lam_factor, stats, bool(keep_z)
     )
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .config import TSConfig
-from .layers import SUPPORTED, gated_forward_for, unsupported_reason
+from .layers import KEEP_Z, SUPPORTED, gated_forward_for, recomputable_rank, unsupported_reason
 
 THRESHOLD = "ts_threshold"
 STATS = "ts_stats"
@@ -209,6 +209,7 @@ def enable(model: nn.Module, config: TSConfig | None = None) -> nn.Module:
             + (f"; TSConfig.target_modules={config.target_modules} matched nothing" if config.target_modules else "")
         )
     ctrl = TSController(config)
+    recompute = set(_recompute_z(list(candidates.values()), config.recompute_z))
     for mod in candidates.values():
         update = gated_forward_for(mod)
         device = next(mod.parameters()).device
@@ -218,6 +219,7 @@ def enable(model: nn.Module, config: TSConfig | None = None) -> nn.Module:
         mod.register_buffer(STATS, torch.zeros(4, device=device, dtype=torch.float64), persistent=False)
         mod.__class__ = _gated_class(type(mod), update)
         mod._ts_ctrl = ctrl
+        mod.__dict__[KEEP_Z] = mod not in recompute
     model._tspeft = ctrl
     _ddp_ignore(model, [f"{name}.{STATS}" for name in candidates], add=True)
     # on the peft wrapper and on the transformers model inside: generate() calls the inner model directly
@@ -240,6 +242,7 @@ def disable(model: nn.Module) -> nn.Module:
         del mod._parameters[THRESHOLD]
         del mod._buffers[STATS]
         del mod._ts_ctrl
+        mod.__dict__.pop(KEEP_Z, None)
     for handle in ctrl.hook_handles:
         handle.remove()
     for mod in model.modules():
@@ -250,6 +253,27 @@ def disable(model: nn.Module) -> nn.Module:
         model.__class__ = cls.__mro__[1]
     del model._tspeft
     return model
+
+
+def _recompute_z(modules: list[nn.Module], policy: str) -> list[nn.Module]:
+    """Return the modules that compute z again in backward instead of keeping it (``TSConfig.recompute_z``).
+
+    "auto": every gated module keeps a one-byte mask per token that dense PEFT does not; a z not kept saves
+    r elements per token, at least 2 r bytes (bf16/fp16). The first recomputable modules are taken until
+    their 2 r sum covers one byte per gated module, so that the masks cost no memory overall.
+    """
+    eligible = [(m, r) for m in modules if (r := recomputable_rank(m))]
+    if policy == "none":
+        return []
+    if policy == "all":
+        return [m for m, _ in eligible]
+    chosen, covered = [], 0
+    for mod, r in eligible:
+        if covered >= len(modules):
+            break
+        chosen.append(mod)
+        covered += 2 * r
+    return chosen
 
 
 def _ddp_ignore(model: nn.Module, names: list[str], *, add: bool) -> None:
