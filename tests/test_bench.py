@@ -56,6 +56,18 @@ def test_tiny_benchmark_json_has_every_row(tmp_path, capsys):
         assert 0.2 < sp[f"TS-{kind} ~50% active"] < 0.8  # calibrated thresholds: about half the tokens
 
 
+def test_benchmark_memory_follows_recompute_z():
+    """TS-LoRA's peak and saved activations on the tiny preset (no dropout): "all" < "auto" <= peft < "none"."""
+    rows = {}
+    for policy in ("none", "auto", "all"):
+        out = bench.run("tiny", kinds=("lora",), repeats=1, warmup=0, calibration_iters=2, recompute_z=policy)
+        rows[policy] = {r["name"]: r for r in out}
+        assert all(r["recompute_z"] == policy for r in out)
+    ts = {policy: rows[policy]["TS-LoRA tau=0"] for policy in rows}
+    assert ts["all"]["saved_mib"] < ts["auto"]["saved_mib"] < ts["none"]["saved_mib"]
+    assert ts["all"]["mem_ratio_to_dense"] < ts["auto"]["mem_ratio_to_dense"] <= 1.0 < ts["none"]["mem_ratio_to_dense"]
+
+
 def test_paired_ratio_and_its_bootstrap_interval():
     ref = [100.0, 200.0, 100.0, 100.0, 300.0]
     times = [99.0, 210.0, 95.0, 101.0, 270.0]  # ratios .99, 1.05, .95, 1.01, .90: median .99

@@ -50,6 +50,7 @@ from .bench_models import (
     make_batch,
     set_thresholds,
 )
+from .config import RECOMPUTE
 from .measure import (
     MEMORY_MEANING,
     base_linear_gflop,
@@ -103,11 +104,13 @@ def run(
     memory: bool = True,
     calibration_iters: int = 12,
     dropout: float | None = None,
+    recompute_z: str = "auto",
     log: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Return the benchmark rows (dicts: name, ms, peak_mib, ratio_to_dense, ...) for one preset.
 
     dropout: the adapters' dropout probability instead of the preset's (None: the preset's).
+    recompute_z: the TS rows' ``TSConfig.recompute_z``.
     """
     p = PRESETS[preset] if isinstance(preset, str) else preset
     if dropout is not None:
@@ -122,7 +125,8 @@ def run(
     models: dict[str, nn.Module] = {}
     for row in rows:
         if row.model_key not in models:
-            models[row.model_key] = build_variant(base, row.kind, p, ts=row.ts, lam=lam, seed=seed)
+            models[row.model_key] = build_variant(base, row.kind, p, ts=row.ts, lam=lam, seed=seed,
+                                                  recompute_z=recompute_z)
     for k in kinds:
         say(f"calibrating TS-{LABELS[k]} thresholds to ~{active:.0%} active tokens")
         half = calibrate_thresholds(models[f"ts-{k}"], batch, active, calibration_iters)
@@ -165,7 +169,7 @@ def run(
         row.result["threshold_mean"] = statistics.fmean(float(v["threshold"]) for v in stats.values())
         row.result["flops"] = flop_accounting(model, tokens, stats)
         row.result["flops"]["base_linear_gflop"] = base_gflop
-    return _assemble(rows, p, preset_name, device, repeats, warmup, lam, active)
+    return _assemble(rows, p, preset_name, device, repeats, warmup, lam, active, recompute_z)
 
 
 def _ts_path(device: str, dtype: str) -> str:
@@ -180,7 +184,7 @@ def _ts_path(device: str, dtype: str) -> str:
 
 
 def _assemble(rows: list[Row], p: Preset, preset_name: str, device: str, repeats: int, warmup: int,
-              lam: float, active: float) -> list[dict[str, Any]]:
+              lam: float, active: float, recompute_z: str) -> list[dict[str, Any]]:
     import peft
     import transformers
 
@@ -194,7 +198,7 @@ def _assemble(rows: list[Row], p: Preset, preset_name: str, device: str, repeats
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "transformers": transformers.__version__, "peft": peft.__version__,
         "peak_mib_meaning": MEMORY_MEANING["cuda" if device.startswith("cuda") else "cpu"],
-        "ts_path": _ts_path(device, p.dtype),
+        "ts_path": _ts_path(device, p.dtype), "recompute_z": recompute_z,
     }
     out = []
     for row in rows:
@@ -254,7 +258,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         "x dense / x floor: median over rounds of the time ratio within a round; 95% CI: bootstrap over rounds"
         + ("; cpu = process CPU time (robust to other processes on shared cores)" if cpu else ""),
         r0["peak_mib_meaning"] + "; saved = activations saved for backward (saved-tensor hooks, weights excluded)",
-        f"TS rows' rank-space gate: {r0['ts_path']}",
+        f"TS rows' rank-space gate: {r0['ts_path']}; recompute_z {r0.get('recompute_z', 'auto')}",
         "",
     ]
     header = ["row", "ms", "x dense", "95% CI", "x floor"] + (["cpu ms", "cpu x dense"] if cpu else [])
@@ -303,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--active", type=float, default=0.5, help="fraction of active tokens for the calibrated rows")
     ap.add_argument("--calibration-iters", type=int, default=12, help="bisection passes for the thresholds")
     ap.add_argument("--dropout", type=float, default=None, help="adapter dropout instead of the preset's")
+    ap.add_argument("--recompute-z", choices=RECOMPUTE, default="auto", help="the TS rows' TSConfig.recompute_z")
     ap.add_argument("--lam", type=float, default=1e-5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
@@ -328,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rows = run(a.preset, a.device, kinds=kinds, repeats=a.repeats, warmup=a.warmup, active=a.active, lam=a.lam,
                    seed=a.seed, memory=not a.no_memory, calibration_iters=a.calibration_iters,
-                   dropout=a.dropout, log=log)
+                   dropout=a.dropout, recompute_z=a.recompute_z, log=log)
     finally:
         torch.set_num_threads(threads)
     table = format_table(rows)

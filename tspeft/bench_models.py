@@ -79,7 +79,8 @@ def randomize_updates(model: nn.Module, std: float = 0.02) -> None:
                     lin.weight.normal_(0.0, std)
 
 
-def build_variant(base: nn.Module, kind: str, p: Preset, *, ts: bool, lam: float, seed: int = 0) -> nn.Module:
+def build_variant(base: nn.Module, kind: str, p: Preset, *, ts: bool, lam: float, seed: int = 0,
+                  recompute_z: str = "auto") -> nn.Module:
     """Return a copy of `base` with adapter `kind` (floor/lora/dora/adalora/adapter), gated if `ts`."""
     from peft import AdaLoraConfig, LoraConfig, get_peft_model
 
@@ -100,7 +101,7 @@ def build_variant(base: nn.Module, kind: str, p: Preset, *, ts: bool, lam: float
         raise ValueError(f"unknown kind {kind!r}; choose floor or one of {KINDS}")
     randomize_updates(model)
     if ts:
-        tspeft.enable(model, tspeft.TSConfig(lam=lam, s=1e-3))
+        tspeft.enable(model, tspeft.TSConfig(lam=lam, s=1e-3, recompute_z=recompute_z))
     return model.train()
 
 
