@@ -68,6 +68,22 @@ def test_benchmark_memory_follows_recompute_z():
     assert ts["all"]["mem_ratio_to_dense"] < ts["auto"]["mem_ratio_to_dense"] <= 1.0 < ts["none"]["mem_ratio_to_dense"]
 
 
+def test_recompute_comparison_pairs_the_policies(tmp_path, capsys):
+    out = tmp_path / "recompute.json"
+    argv = ["--preset", "tiny", "--repeats", "2", "--warmup", "0", "--threads", "1", "--json", str(out)]
+    assert bench.recompute_main(argv) == 0
+    printed = capsys.readouterr().out
+    rows = json.loads(out.read_text())
+    assert [r["recompute_z"] for r in rows] == [None, "none", "auto", "all"]
+    assert rows[0]["name"] == "peft LoRA" and all(r["name"] in printed for r in rows)
+    assert rows[1]["ratio_to_first"] == 1.0 and len(rows[2]["ms_runs"]) == 2
+    saved = [r["saved_mib"] for r in rows[1:]]
+    assert saved[0] > saved[1] > saved[2]
+    assert rows[2]["mem_ratio_to_dense"] <= 1.0 < rows[1]["mem_ratio_to_dense"]
+    with pytest.raises(SystemExit):
+        bench.recompute_main(["--policies", "some"])
+
+
 def test_paired_ratio_and_its_bootstrap_interval():
     ref = [100.0, 200.0, 100.0, 100.0, 300.0]
     times = [99.0, 210.0, 95.0, 101.0, 270.0]  # ratios .99, 1.05, .95, 1.01, .90: median .99

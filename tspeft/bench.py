@@ -80,11 +80,13 @@ class Row:
     result: dict[str, Any] = field(default_factory=dict)
 
 
+DENSE_NAMES = {"lora": "peft LoRA", "dora": "peft DoRA", "adalora": "peft AdaLoRA", "adapter": "parallel adapter"}
+
+
 def _rows(kinds: tuple[str, ...], ts_settings: tuple[str, ...]) -> list[Row]:
     rows = [Row("frozen base (floor)", "floor", False, "no adapter", "floor")]
-    dense_names = {"lora": "peft LoRA", "dora": "peft DoRA", "adalora": "peft AdaLoRA", "adapter": "parallel adapter"}
     for k in kinds:
-        rows.append(Row(dense_names[k], k, False, "dense", k))
+        rows.append(Row(DENSE_NAMES[k], k, False, "dense", k))
         for s in ts_settings:
             label = "tau=0" if s == "tau0" else "~50% active"
             rows.append(Row(f"TS-{LABELS[k]} {label}", k, True, s, f"ts-{k}"))
@@ -226,6 +228,75 @@ def _assemble(rows: list[Row], p: Preset, preset_name: str, device: str, repeats
     return out
 
 
+def compare_recompute(
+    preset: str | Preset = "cpu",
+    device: str = "cpu",
+    *,
+    kind: str = "lora",
+    policies: tuple[str, ...] = ("none", "auto", "all"),
+    repeats: int = 40,
+    warmup: int = 2,
+    dropout: float | None = None,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Return one row per ``TSConfig.recompute_z`` policy of TS-`kind` (tau = 0) against its dense twin, timed
+    in the same rounds (alternating order) so that the policies' time differences are paired, with memory.
+
+    Rows: name, recompute_z, ms, ratio_to_dense (+ ci95), ratio_to_first (the first policy, + ci95),
+    peak_mib, mem_ratio_to_dense, saved_mib.
+    """
+    p = PRESETS[preset] if isinstance(preset, str) else preset
+    if dropout is not None:
+        p = dataclasses.replace(p, dropout=dropout)
+    base = build_base(p, device, seed)
+    batch = make_batch(base, p, device, seed)
+    models = {"dense": build_variant(base, kind, p, ts=False, lam=1e-5, seed=seed)}
+    for policy in policies:
+        models[policy] = build_variant(base, kind, p, ts=True, lam=1e-5, seed=seed, recompute_z=policy)
+    names = list(models)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for rep in range(warmup + repeats):
+        for n in names if rep % 2 == 0 else names[::-1]:
+            ms, _ = timed_step(models[n], batch, device)
+            if rep >= warmup:
+                times[n].append(ms)
+    memory = {n: memory_step(models[n], batch, device) for n in names}
+    out = []
+    for n in names:
+        ts = n != "dense"
+        first = times[policies[0]]
+        out.append({
+            "name": f"TS-{LABELS[kind]} tau=0, recompute_z {n}" if ts else DENSE_NAMES[kind],
+            "recompute_z": n if ts else None, "ms": statistics.median(times[n]), "ms_runs": times[n],
+            "ratio_to_dense": paired_ratio(times[n], times["dense"]) if ts else None,
+            "ratio_to_dense_ci95": paired_ratio_ci(times[n], times["dense"]) if ts else None,
+            "ratio_to_first": paired_ratio(times[n], first) if ts else None,
+            "ratio_to_first_ci95": paired_ratio_ci(times[n], first) if ts else None,
+            "peak_mib": memory[n]["peak_mib"], "saved_mib": memory[n]["saved_mib"],
+            "mem_ratio_to_dense": memory[n]["peak_mib"] / memory["dense"]["peak_mib"] if ts else None,
+            "preset": preset if isinstance(preset, str) else "custom", "device": device, "repeats": repeats,
+            "dropout": p.dropout, "threads": torch.get_num_threads(),
+        })
+    return out
+
+
+def format_recompute_table(rows: list[dict[str, Any]]) -> str:
+    """Return the printed table of :func:`compare_recompute`."""
+    r0 = rows[0]
+    first = rows[1]["recompute_z"]
+    header = ["row", "ms", "x dense", "95% CI", f"x {first}", "95% CI", "peak MiB", "mem x dense", "saved MiB"]
+
+    def ci(v: list[float] | None) -> str:
+        return "-" if v is None else f"{v[0]:.3f}-{v[1]:.3f}"
+
+    lines = [[r["name"], _fmt(r["ms"], ".1f"), _fmt(r["ratio_to_dense"], ".3f"), ci(r["ratio_to_dense_ci95"]),
+              _fmt(r["ratio_to_first"], ".3f"), ci(r["ratio_to_first_ci95"]), _fmt(r["peak_mib"], ".1f"),
+              _fmt(r["mem_ratio_to_dense"], ".4f"), _fmt(r["saved_mib"], ".1f")] for r in rows]
+    title = (f"recompute_z: preset {r0['preset']}, device {r0['device']}, dropout {r0['dropout']}, "
+             f"{r0['threads']} threads, median of {r0['repeats']} rounds (every row once per round, alternating order)")
+    return "\n".join([title, "", *_markdown(header, lines)])
+
+
 # ----------------------------------------------------------------------------------------------- output
 
 
@@ -341,6 +412,38 @@ def main(argv: list[str] | None = None) -> int:
     if a.table:
         with open(a.table, "w") as f:
             f.write(table + "\n")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+def recompute_main(argv: list[str] | None = None) -> int:
+    """Compare the ``TSConfig.recompute_z`` policies of one TS row in one run; print the table."""
+    ap = argparse.ArgumentParser(prog="python benchmarks/recompute.py", description=compare_recompute.__doc__.splitlines()[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--kind", choices=("lora", "adalora"), default="lora")
+    ap.add_argument("--policies", default="none,auto,all", help="comma-separated; ratios are also given to the first")
+    ap.add_argument("--repeats", type=int, default=40)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--dropout", type=float, default=None, help="adapter dropout instead of the preset's")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
+    ap.add_argument("--json", default=None, help="write the rows as a JSON list to this file")
+    a = ap.parse_args(argv)
+    policies = tuple(x for x in a.policies.split(",") if x)
+    bad = [x for x in policies if x not in RECOMPUTE]
+    if bad or not policies:
+        ap.error(f"unknown policies {bad}; choose from {','.join(RECOMPUTE)}")
+    threads = torch.get_num_threads()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    try:
+        rows = compare_recompute(a.preset, a.device, kind=a.kind, policies=policies, repeats=a.repeats,
+                                 warmup=a.warmup, dropout=a.dropout)
+    finally:
+        torch.set_num_threads(threads)
+    print(format_recompute_table(rows))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)
