@@ -77,6 +77,28 @@ def batch(arch: str, seed: int = 0, b: int = 3, t: int = 10, pad: int = 3):
     return out
 
 
+def saved_bytes(run, weights=()) -> tuple[object, int]:
+    """Return (run(), bytes of the distinct storages autograd saved for backward while running it), leaving out
+    the storages of `weights` (also when saved as a view, e.g. W.t())."""
+    skip = {w.untyped_storage().data_ptr() for w in weights}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in skip:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run()
+    return out, sum(seen.values())
+
+
+def forward_saved_bytes(model, data: dict) -> int:
+    """Return the activation bytes one training-mode forward of `model` on `data` keeps for backward (weights left out)."""
+    return saved_bytes(lambda: model.train()(**data), list(model.parameters()))[1]
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny random BERT with the bundled MiniLM tokenizer, saved as a local model folder."""

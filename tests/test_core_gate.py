@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import saved_bytes
 
 import tspeft
 from tspeft.lowrank import dora_gate, dora_weight_norm, linear_low_rank_gate, low_rank_gate
@@ -92,20 +93,6 @@ def test_rank_space_equals_generic_fp64(with_bias):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
-def _saved_bytes(fn) -> int:
-    """Return (fn(), bytes of the distinct non-parameter storages autograd saved while running it)."""
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        if not isinstance(t, torch.nn.Parameter):
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, sum(seen.values())
-
-
 @pytest.mark.parametrize("keep_z", [True, False])
 def test_linear_gate_equals_generic_fp64_whether_z_is_kept_or_computed_again(keep_z):
     torch.manual_seed(1)
@@ -142,8 +129,8 @@ def test_linear_gate_without_z_keeps_r_elements_per_token_less(p):
     sizes = {}
     for keep_z in (True, False):
         torch.manual_seed(3)
-        _, sizes[keep_z] = _saved_bytes(lambda k=keep_z: linear_low_rank_gate(x.detach() @ W.t(), x, p, W, A, B, 0.5,
-                                                                               tau, 0.0, keep_z=k))
+        _, sizes[keep_z] = saved_bytes(lambda k=keep_z: linear_low_rank_gate(x.detach() @ W.t(), x, p, W, A, B, 0.5,
+                                                                              tau, 0.0, keep_z=k), (W, A, B, tau))
     assert sizes[True] - sizes[False] == (n * r * 4 if p == 0.0 else 0)
 
 

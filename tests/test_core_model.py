@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import batch, tiny_bert, tiny_llama, with_adapter
+from conftest import batch, forward_saved_bytes, tiny_bert, tiny_llama, with_adapter
 from peft import LoraConfig, get_peft_model
 
 import tspeft
@@ -236,25 +236,11 @@ def test_masks_cost_no_saved_memory_against_peft_lora():
     data = batch("llama", pad=3)
     n_tokens = data["input_ids"].numel()
 
-    def saved_bytes(model):
-        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}  # also when saved as a view (W.t())
-        seen = {}
-
-        def pack(t):
-            if t.untyped_storage().data_ptr() not in weights:
-                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        model.train()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(**data)
-        return sum(seen.values())
-
-    peft_bytes = saved_bytes(dense)
+    peft_bytes = forward_saved_bytes(dense, data)
     sizes, models = {}, {}
     for policy in ("none", "auto", "all"):
         models[policy] = tspeft.enable(copy.deepcopy(dense), tspeft.TSConfig(recompute_z=policy))
-        sizes[policy] = saved_bytes(models[policy])
+        sizes[policy] = forward_saved_bytes(models[policy], data)
     n = len(tspeft.gated_modules(models["none"]))  # 2 layers x q, k, v, up, down
     z_bytes = n_tokens * 4 * 4  # r = 4, fp32
     real_bytes = n_tokens  # the padding mask as bool, kept once for all modules

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import batch, tiny_llama, with_adapter
+from conftest import batch, forward_saved_bytes, tiny_llama, with_adapter
 
 import tspeft
 from tspeft import dropout
@@ -130,24 +130,8 @@ def test_dropout_x_is_not_kept_for_backward(method, monkeypatch):
     dense = with_adapter(tiny_llama(), "llama", method, dropout=0.1)
     data = batch("llama")
 
-    def saved_bytes(model):
-        seen, total = set(), 0
-
-        def pack(t):
-            nonlocal total
-            key = t.untyped_storage().data_ptr()
-            if key not in seen and not isinstance(t, torch.nn.Parameter):
-                seen.add(key)
-                total += t.untyped_storage().nbytes()
-            return t
-
-        model.train()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = model(**data).loss  # noqa: F841 (the forward saves the activations counted)
-        return total
-
-    sizes = {"peft": saved_bytes(dense)}
+    sizes = {"peft": forward_saved_bytes(dense, data)}
     for mode in dropout.MODES:
         monkeypatch.setenv("TSPEFT_DROPOUT", mode)
-        sizes[mode] = saved_bytes(tspeft.enable(copy.deepcopy(dense), tspeft.TSConfig()))
+        sizes[mode] = forward_saved_bytes(tspeft.enable(copy.deepcopy(dense), tspeft.TSConfig()), data)
     assert sizes["replay"] < sizes["mask"] < sizes["peft"]
