@@ -42,6 +42,7 @@ from .bench_models import (
     KINDS,
     LABELS,
     PRESETS,
+    Batch,
     Preset,
     build_base,
     build_variant,
@@ -114,10 +115,7 @@ def run(
     dropout: the adapters' dropout probability instead of the preset's (None: the preset's).
     recompute_z: the TS rows' ``TSConfig.recompute_z``.
     """
-    p = PRESETS[preset] if isinstance(preset, str) else preset
-    if dropout is not None:
-        p = dataclasses.replace(p, dropout=dropout)
-    preset_name = preset if isinstance(preset, str) else "custom"
+    p, preset_name = _preset(preset, dropout)
     say = log or (lambda s: None)
     tokens = p.batch * p.seq
     say(f"building models ({preset_name}, {device}, {p.dtype})")
@@ -143,13 +141,9 @@ def run(
         return model
 
     say(f"timing {len(rows)} rows: {warmup} warm-up + {repeats} timed rounds, each row once per round")
-    for rep in range(warmup + repeats):
-        order = rows if rep % 2 == 0 else rows[::-1]  # alternate the order: no row always follows another
-        for row in order:
-            ms, cpu_ms = timed_step(prepare(row), batch, device)
-            if rep >= warmup:
-                row.times.append(ms)
-                row.cpu_times.append(cpu_ms)
+    for row, (times, cpu_times) in zip(rows, _timed_rounds([lambda r=row: prepare(r) for row in rows], batch, device,
+                                                             warmup, repeats)):
+        row.times, row.cpu_times = times, cpu_times
     for row in rows:
         zero_grads(models[row.model_key], batch)
     if memory:
@@ -172,6 +166,29 @@ def run(
         row.result["flops"] = flop_accounting(model, tokens, stats)
         row.result["flops"]["base_linear_gflop"] = base_gflop
     return _assemble(rows, p, preset_name, device, repeats, warmup, lam, active, recompute_z)
+
+
+def _preset(preset: str | Preset, dropout: float | None) -> tuple[Preset, str]:
+    """Return (the preset, its name), with the adapters' dropout replaced unless `dropout` is None."""
+    p = PRESETS[preset] if isinstance(preset, str) else preset
+    if dropout is not None:
+        p = dataclasses.replace(p, dropout=dropout)
+    return p, preset if isinstance(preset, str) else "custom"
+
+
+def _timed_rounds(models: list[Callable[[], nn.Module]], batch: Batch, device: str, warmup: int,
+                  repeats: int) -> list[tuple[list[float], list[float]]]:
+    """Return (ms, cpu ms) per timed round for each model: every round steps each model once, in alternating
+    order (no model always follows another), after `warmup` untimed rounds. `models` give the model to step."""
+    out: list[tuple[list[float], list[float]]] = [([], []) for _ in models]
+    order = list(range(len(models)))
+    for rep in range(warmup + repeats):
+        for i in order if rep % 2 == 0 else order[::-1]:
+            ms, cpu_ms = timed_step(models[i](), batch, device)
+            if rep >= warmup:
+                out[i][0].append(ms)
+                out[i][1].append(cpu_ms)
+    return out
 
 
 def _ts_path(device: str, dtype: str) -> str:
@@ -245,21 +262,15 @@ def compare_recompute(
     Rows: name, recompute_z, ms, ratio_to_dense (+ ci95), ratio_to_first (the first policy, + ci95),
     peak_mib, mem_ratio_to_dense, saved_mib.
     """
-    p = PRESETS[preset] if isinstance(preset, str) else preset
-    if dropout is not None:
-        p = dataclasses.replace(p, dropout=dropout)
+    p, preset_name = _preset(preset, dropout)
     base = build_base(p, device, seed)
     batch = make_batch(base, p, device, seed)
     models = {"dense": build_variant(base, kind, p, ts=False, lam=1e-5, seed=seed)}
     for policy in policies:
         models[policy] = build_variant(base, kind, p, ts=True, lam=1e-5, seed=seed, recompute_z=policy)
     names = list(models)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for rep in range(warmup + repeats):
-        for n in names if rep % 2 == 0 else names[::-1]:
-            ms, _ = timed_step(models[n], batch, device)
-            if rep >= warmup:
-                times[n].append(ms)
+    rounds = _timed_rounds([lambda m=models[n]: m for n in names], batch, device, warmup, repeats)
+    times = {n: t for n, (t, _) in zip(names, rounds)}
     memory = {n: memory_step(models[n], batch, device) for n in names}
     out = []
     for n in names:
@@ -274,7 +285,7 @@ def compare_recompute(
             "ratio_to_first_ci95": paired_ratio_ci(times[n], first) if ts else None,
             "peak_mib": memory[n]["peak_mib"], "saved_mib": memory[n]["saved_mib"],
             "mem_ratio_to_dense": memory[n]["peak_mib"] / memory["dense"]["peak_mib"] if ts else None,
-            "preset": preset if isinstance(preset, str) else "custom", "device": device, "repeats": repeats,
+            "preset": preset_name, "device": device, "repeats": repeats,
             "dropout": p.dropout, "threads": torch.get_num_threads(),
         })
     return out
