@@ -56,6 +56,29 @@ def test_tiny_benchmark_json_has_every_row(tmp_path, capsys):
         assert 0.2 < sp[f"TS-{kind} ~50% active"] < 0.8  # calibrated thresholds: about half the tokens
 
 
+def test_control_rows_pair_each_dense_row_with_a_copy_of_itself(capsys):
+    """--control: an A/A row after each dense row, its ratio taken to that row; TS rows still pair with the first."""
+    argv = ["--preset", "tiny", "--kinds", "lora,adapter", "--repeats", "3", "--warmup", "1", "--calibration-iters", "3",
+            "--no-memory", "--quiet", "--threads", "1", "--control"]
+    rows = bench.run("tiny", kinds=("lora", "adapter"), repeats=3, warmup=1, calibration_iters=3, memory=False,
+                     control=True)
+    names = [r["name"] for r in rows]
+    assert names == ["frozen base (floor)", "peft LoRA", "peft LoRA, second copy", "TS-LoRA tau=0", "TS-LoRA ~50% active",
+                     "parallel adapter", "parallel adapter, second copy", "TS-Adapter tau=0", "TS-Adapter ~50% active"]
+    by = {r["name"]: r for r in rows}
+    for dense, copy_, ts in (("peft LoRA", "peft LoRA, second copy", "TS-LoRA tau=0"),
+                             ("parallel adapter", "parallel adapter, second copy", "TS-Adapter tau=0")):
+        c = by[copy_]
+        assert c["setting"] == "control" and not c["ts"] and c["flops"] is None
+        assert c["ratio_to_dense"] == measure.paired_ratio(c["ms_runs"], by[dense]["ms_runs"])
+        assert by[ts]["ratio_to_dense"] == measure.paired_ratio(by[ts]["ms_runs"], by[dense]["ms_runs"])
+        lo, hi = c["ratio_to_dense_ci95"]
+        assert lo <= c["ratio_to_dense"] <= hi
+    assert bench.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "peft LoRA, second copy" in printed and "(A/A)" in printed
+
+
 def test_benchmark_memory_follows_recompute_z():
     """TS-LoRA's peak and saved activations on the tiny preset (no dropout): "all" < "auto" <= peft < "none"."""
     rows = {}

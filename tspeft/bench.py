@@ -3,7 +3,8 @@
 Rows, all in one process and one run, on copies of one random-init ``LlamaForCausalLM``:
 the frozen base with no adapter (the floor), peft LoRA / DoRA / AdaLoRA, tspeft's parallel adapter,
 and each of them token-selective (``tspeft.enable``), the latter at threshold 0 (every token active)
-and at thresholds calibrated so that about half of the tokens are active.
+and at thresholds calibrated so that about half of the tokens are active. With ``control``, each dense
+row is run a second time on its own copy (an A/A row), which shows the run's resolution.
 
 - Every adapter gets a non-zero update (B, AdaLoRA's E, the adapter's up projection drawn at random, the
   same for a dense row and its TS twin); with B = 0 every ratio is 0 and no threshold could select.
@@ -84,10 +85,12 @@ class Row:
 DENSE_NAMES = {"lora": "peft LoRA", "dora": "peft DoRA", "adalora": "peft AdaLoRA", "adapter": "parallel adapter"}
 
 
-def _rows(kinds: tuple[str, ...], ts_settings: tuple[str, ...]) -> list[Row]:
+def _rows(kinds: tuple[str, ...], ts_settings: tuple[str, ...], control: bool = False) -> list[Row]:
     rows = [Row("frozen base (floor)", "floor", False, "no adapter", "floor")]
     for k in kinds:
         rows.append(Row(DENSE_NAMES[k], k, False, "dense", k))
+        if control:  # the dense row again, on its own copy: its ratio to the dense row is what noise alone gives
+            rows.append(Row(f"{DENSE_NAMES[k]}, second copy", k, False, "control", f"{k}-copy"))
         for s in ts_settings:
             label = "tau=0" if s == "tau0" else "~50% active"
             rows.append(Row(f"TS-{LABELS[k]} {label}", k, True, s, f"ts-{k}"))
@@ -108,12 +111,15 @@ def run(
     calibration_iters: int = 12,
     dropout: float | None = None,
     recompute_z: str = "auto",
+    control: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Return the benchmark rows (dicts: name, ms, peak_mib, ratio_to_dense, ...) for one preset.
 
     dropout: the adapters' dropout probability instead of the preset's (None: the preset's).
     recompute_z: the TS rows' ``TSConfig.recompute_z``.
+    control: add, after each dense row, a second copy of it (same weights, its own copy of them): an A/A
+    row whose ratio to the dense row shows how far apart two identical models measure in this run.
     """
     p, preset_name = _preset(preset, dropout)
     say = log or (lambda s: None)
@@ -121,7 +127,7 @@ def run(
     say(f"building models ({preset_name}, {device}, {p.dtype})")
     base = build_base(p, device, seed)
     batch = make_batch(base, p, device, seed)
-    rows = _rows(kinds, ("tau0", "half"))
+    rows = _rows(kinds, ("tau0", "half"), control)
     models: dict[str, nn.Module] = {}
     for row in rows:
         if row.model_key not in models:
@@ -209,7 +215,7 @@ def _assemble(rows: list[Row], p: Preset, preset_name: str, device: str, repeats
 
     ms = {row.name: statistics.median(row.times) for row in rows}
     cpu = not device.startswith("cuda")  # process CPU time: robust to other processes sharing the cores
-    by_key = {(row.kind, row.ts): row for row in rows if not (row.ts and row.setting == "half")}
+    dense_rows = {row.kind: row for row in rows if row.setting == "dense"}
     env = {
         "device": device if not device.startswith("cuda") else torch.cuda.get_device_name(),
         "dtype": p.dtype, "preset": preset_name, "shapes": asdict(p), "tokens": p.batch * p.seq,
@@ -221,7 +227,7 @@ def _assemble(rows: list[Row], p: Preset, preset_name: str, device: str, repeats
     }
     out = []
     for row in rows:
-        dense = by_key.get((row.kind, False)) if row.ts else None
+        dense = dense_rows.get(row.kind) if row.ts or row.setting == "control" else None
         rec: dict[str, Any] = {
             "name": row.name, "kind": row.kind, "ts": row.ts, "setting": row.setting,
             "ms": ms[row.name], "ms_runs": row.times,
@@ -341,8 +347,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         + ("; cpu = process CPU time (robust to other processes on shared cores)" if cpu else ""),
         r0["peak_mib_meaning"] + "; saved = activations saved for backward (saved-tensor hooks, weights excluded)",
         f"TS rows' rank-space gate: {r0['ts_path']}; recompute_z {r0.get('recompute_z', 'auto')}",
-        "",
     ]
+    if any(r["setting"] == "control" for r in rows):
+        out.append("second copy: the dense row again on its own copy of the same weights (A/A); its x dense and 95% CI "
+                   "are what two identical models give in this run")
+    out.append("")
     header = ["row", "ms", "x dense", "95% CI", "x floor"] + (["cpu ms", "cpu x dense"] if cpu else [])
     header += ["peak MiB", "mem x dense", "saved MiB", "sparsity"]
     lines = []
@@ -390,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calibration-iters", type=int, default=12, help="bisection passes for the thresholds")
     ap.add_argument("--dropout", type=float, default=None, help="adapter dropout instead of the preset's")
     ap.add_argument("--recompute-z", choices=RECOMPUTE, default="auto", help="the TS rows' TSConfig.recompute_z")
+    ap.add_argument("--control", action="store_true",
+                    help="add a second copy of each dense row (A/A): its x dense is the spread of identical models")
     ap.add_argument("--lam", type=float, default=1e-5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
@@ -415,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rows = run(a.preset, a.device, kinds=kinds, repeats=a.repeats, warmup=a.warmup, active=a.active, lam=a.lam,
                    seed=a.seed, memory=not a.no_memory, calibration_iters=a.calibration_iters,
-                   dropout=a.dropout, recompute_z=a.recompute_z, log=log)
+                   dropout=a.dropout, recompute_z=a.recompute_z, control=a.control, log=log)
     finally:
         torch.set_num_threads(threads)
     table = format_table(rows)
