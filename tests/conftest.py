@@ -16,6 +16,7 @@ from transformers import (
 )
 
 import tspeft
+from tspeft.measure import SavedActivations
 from tspeft.models import resolve_model
 
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -78,20 +79,11 @@ def batch(arch: str, seed: int = 0, b: int = 3, t: int = 10, pad: int = 3):
 
 
 def saved_bytes(run, weights=()) -> tuple[object, int]:
-    """Return (run(), bytes of the distinct storages autograd saved for backward while running it), leaving out
+    """Return (run(), bytes of the distinct storages autograd keeps for backward after running it), leaving out
     the storages of `weights` (also when saved as a view, e.g. W.t())."""
-    skip = {w.untyped_storage().data_ptr() for w in weights}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in skip:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedActivations(list(weights)) as saved:
         out = run()
-    return out, sum(seen.values())
+    return out, saved.nbytes()
 
 
 def forward_saved_bytes(model, data: dict) -> int:

@@ -116,6 +116,24 @@ def test_paired_ratio_and_its_bootstrap_interval():
     assert measure.paired_ratio_ci([2.0] * 4, [1.0] * 4) == [2.0, 2.0]
 
 
+def test_saved_activations_count_what_backward_will_read():
+    """Only storages held by graph nodes still alive count: a dropped node's saved tensor and excluded weights do not."""
+    x = torch.randn(1000, requires_grad=True)
+    w = torch.randn(1000, requires_grad=True)
+    with measure.SavedActivations([w]) as saved:
+        kept = x.exp()  # ExpBackward keeps its result: 4000 bytes
+        y = x * w  # MulBackward keeps x (counted) and w (excluded)
+        tmp = (x * 3.0).sin()  # SinBackward keeps x * 3 ...
+        dropped = tmp.detach()
+        del tmp  # ... until its node is dropped with tmp
+        for _ in range(4):  # freed storages whose addresses may be reused
+            torch.empty(1000)
+    assert saved.nbytes() == 8000
+    assert kept.requires_grad and y.requires_grad and not dropped.requires_grad
+    del kept
+    assert saved.nbytes() == 4000
+
+
 def test_live_storage_tracker_counts_allocations_and_frees():
     tracker = measure.LiveStorageBytes()
     with tracker:

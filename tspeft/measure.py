@@ -95,27 +95,58 @@ def model_bytes(model: nn.Module) -> int:
     return sum(seen.values())
 
 
+class SavedActivations:
+    """Saved-tensor hooks that count the activations autograd keeps for backward (weights left out).
+
+    Use as a context manager around a forward; ``nbytes()`` is the size of the distinct storages saved by
+    graph nodes that are still alive when it is called. A node whose graph was dropped during the forward
+    (an intermediate that was detached) frees what it saved, and that is not counted: counted by storage
+    address alone, a freed storage whose address is reused would make the count depend on the allocator.
+    """
+
+    def __init__(self, exclude: list[torch.Tensor]) -> None:
+        self._exclude = {t.untyped_storage()._cdata for t in exclude}
+        self._saved: list[weakref.ref] = []
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        # The node keeps what this returns until it is freed. An alias, not t: a node that saves its own
+        # output would otherwise hold that output, and the output holds the node (a cycle that outlives
+        # a dropped graph, as it does not without these hooks).
+        alias = t.detach()
+        self._saved.append(weakref.ref(alias))
+        return alias
+
+    def __enter__(self) -> SavedActivations:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.__exit__(*exc)
+
+    def nbytes(self) -> int:
+        alive: dict[int, int] = {}
+        for ref in self._saved:
+            t = ref()
+            if t is not None:
+                st = t.untyped_storage()
+                if st._cdata not in self._exclude:
+                    alive[st._cdata] = st.nbytes()
+        return sum(alive.values())
+
+
 def memory_step(model: nn.Module, batch: Batch, device: str) -> dict[str, float]:
     """Return peak_mib (weights + step peak) and saved_mib (activations saved for backward) of one step."""
-    weights = {t.untyped_storage()._cdata for t in list(model.parameters()) + list(model.buffers())}
-    weights.add(batch.embeds.untyped_storage()._cdata)
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        st = t.untyped_storage()
-        if st._cdata not in weights:
-            saved[st._cdata] = st.nbytes()
-        return t
-
     zero_grads(model, batch)
     gc.collect()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    saved = SavedActivations(list(model.parameters()) + list(model.buffers()) + [batch.embeds])
+    with saved:
         if device.startswith("cuda"):
             _sync(device)
             before = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
             loss = loss_of(model, batch)
-            saved_bytes = sum(saved.values())
+            saved_bytes = saved.nbytes()
             loss.backward()
             _sync(device)
             step_peak = torch.cuda.max_memory_allocated() - before
@@ -123,7 +154,7 @@ def memory_step(model: nn.Module, batch: Batch, device: str) -> dict[str, float]
             tracker = LiveStorageBytes()
             with tracker:
                 loss = loss_of(model, batch)
-                saved_bytes = sum(saved.values())
+                saved_bytes = saved.nbytes()
                 loss.backward()
                 del loss
             step_peak = tracker.peak
