@@ -388,11 +388,6 @@ def _dora_backward(
     Bs = (_cast(B, acc) * (c * sv).unsqueeze(-1)).to(dtype)  # (d_out, r): c s B
     gB = g @ Bs  # (N, r): c B^T (s g_i)
     out: dict[str, torch.Tensor] = {}
-    gm1 = g * (sv - 1).to(dtype) if need.get("base") or need.get("bprime") else None  # (s - 1) g
-    if need.get("base"):  # g + m (s - 1) g
-        out["base"] = torch.addcmul(g, gm1, mf)
-    if need.get("bprime"):
-        out["bprime"] = gm1.mul_(mf)
     if need.get("z"):
         out["z"] = gB * mf
     G = None
@@ -400,6 +395,7 @@ def _dora_backward(
         G = ((_cast(z2, dtype) * mf).t() @ g).t().to(acc)  # (d_out, r): sum_i m_i g_i z_i^T
     if need.get("B"):
         out["B"] = G * (c * sv).unsqueeze(-1)
+    gb = None
     if need.get("magnitude") or need.get("tau"):
         bp = bprime()
         gb = _cast(g, acc) * _cast(bp, acc)  # (N, d_out): g_i * b'_i, once for the magnitude and for mu
@@ -410,6 +406,14 @@ def _dora_backward(
             # mu_i = <g_i, (s - 1) b'_i> + <g_i, s c B z_i> = (g_i * b'_i) . (s - 1) + (c B^T (s g_i)) . z_i  (Eq. 9)
             mu = gb @ (sv - 1) + torch.linalg.vecdot(_cast(gB, acc), _cast(z2, acc))
             out["tau"] = threshold_grad(mu, mask, real, lam, lam_factor)
+    if need.get("base") or need.get("bprime"):
+        # (s - 1) g, written into g * b''s buffer once that is used up: one (N, d_out) allocation, not three
+        buf = gb if gb is not None and gb.dtype == dtype else None
+        gm1 = torch.mul(g, (sv - 1).to(dtype), out=buf) if buf is not None else g * (sv - 1).to(dtype)
+        if need.get("base"):  # g + m (s - 1) g, in place unless b''s gradient still needs (s - 1) g
+            out["base"] = torch.addcmul(g, gm1, mf, out=None if need.get("bprime") else gm1)
+        if need.get("bprime"):
+            out["bprime"] = gm1.mul_(mf)
     return out
 
 
