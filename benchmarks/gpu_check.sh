@@ -4,7 +4,8 @@
 #
 #   bash benchmarks/gpu_check.sh            # from the repository root; results in $OUT (default ./gpu_out)
 #
-# `python` must have torch (CUDA), transformers, peft and triton, and pytest for step 1; the repository is put
+# The Python is $PYTHON if set, else the first of `python`, `python3` that imports torch; it must have torch
+# (CUDA), transformers, peft and triton, and pytest for step 1; the repository is put
 # on PYTHONPATH. Nothing else of the package's dependencies is needed (no bundled data, no plots).
 #  1. the Triton kernels against the PyTorch reference (tests/test_kernels.py), dropout inside the gate against
 #     F.dropout on CUDA (tests/test_dropout.py), and the benchmark's tests;
@@ -20,6 +21,20 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 unset TRITON_INTERPRET
 status=0
 
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+  for candidate in python python3; do
+    if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c "import torch" 2>/dev/null; then
+      PY=$candidate
+      break
+    fi
+  done
+fi
+if [ -z "$PY" ]; then
+  echo "no python that imports torch (tried python, python3): set PYTHON=/path/to/python" >&2
+  exit 1
+fi
+
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep its output in $OUT/NAME.log
   local name=$1 limit=$2
   shift 2
@@ -31,7 +46,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep its output
   [ "$rc" -eq 0 ] || status=1
 }
 
-python - > "$OUT/env.txt" 2>&1 <<'EOF'
+"$PY" - > "$OUT/env.txt" 2>&1 <<'EOF'
 import platform, torch, transformers, peft
 print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
       "transformers", transformers.__version__, "peft", peft.__version__)
@@ -44,14 +59,14 @@ print("device:", torch.cuda.get_device_name() if torch.cuda.is_available() else 
 EOF
 cat "$OUT/env.txt"
 
-if ! python -c "import pytest" 2>/dev/null; then
+if ! "$PY" -c "import pytest" 2>/dev/null; then
   echo "== tests: pytest is not importable: the kernel and dropout tests cannot run (pure Python: put it on PYTHONPATH)"
   status=1
 fi
-step tests 150 python -m pytest tests/test_kernels.py tests/test_dropout.py tests/test_bench.py -q -p no:cacheprovider -x
-TSPEFT_KERNELS=0 step bench_pytorch 200 python benchmarks/step.py --device cuda --preset llama8b-4layers \
+step tests 150 "$PY" -m pytest tests/test_kernels.py tests/test_dropout.py tests/test_bench.py -q -p no:cacheprovider -x
+TSPEFT_KERNELS=0 step bench_pytorch 200 "$PY" benchmarks/step.py --device cuda --preset llama8b-4layers \
   --json "$OUT/bench_gpu_pytorch.json" --table "$OUT/bench_gpu_pytorch.txt"
-step bench 200 python benchmarks/step.py --device cuda --preset llama8b-4layers \
+step bench 200 "$PY" benchmarks/step.py --device cuda --preset llama8b-4layers \
   --json "$OUT/bench_gpu.json" --table "$OUT/bench_gpu.txt"
 
 echo "results in $OUT:"
