@@ -135,11 +135,12 @@ def test_linear_gate_without_z_keeps_r_elements_per_token_less(p):
 
 
 def test_dora_gate_equals_generic_fp64():
+    """Every gradient, the trainable bias's and x's through W0 x + b included (peft's bias="all")."""
     torch.manual_seed(1)
     n, d_in, d_out, r, c = 20, 6, 8, 3, 0.5
-    x = torch.randn(n, d_in, dtype=torch.float64)
+    x = torch.randn(n, d_in, dtype=torch.float64, requires_grad=True)
     W = torch.randn(d_out, d_in, dtype=torch.float64)
-    bias = torch.randn(d_out, dtype=torch.float64)
+    bias = torch.randn(d_out, dtype=torch.float64, requires_grad=True)
     A = torch.randn(r, d_in, dtype=torch.float64, requires_grad=True)
     B = torch.randn(d_out, r, dtype=torch.float64, requires_grad=True)
     m = (torch.rand(d_out, dtype=torch.float64) + 0.5).requires_grad_()
@@ -151,19 +152,21 @@ def test_dora_gate_equals_generic_fp64():
         results = []
         for fast in (True, False):
             tau = torch.nn.Parameter(torch.tensor([tau_value]))
-            A.grad = B.grad = m.grad = None
+            x.grad = bias.grad = A.grad = B.grad = m.grad = None
             base = torch.nn.functional.linear(x, W, bias)
             z = x @ A.t()
             if fast:
                 out = dora_gate(base, None, z, B, m, wn, c, tau, 1e-2, None, bias=bias)
             else:
                 s = (m / wn)[None]
-                delta = (s - 1) * (base - bias) + s * (c * z @ B.t())
-                out = tspeft.token_gate(base - bias, delta, tau, 1e-2) + bias
+                delta = (s - 1) * (x @ W.t()) + s * (c * z @ B.t())
+                out = tspeft.token_gate(x @ W.t(), delta, tau, 1e-2) + bias
             out.backward(g)
-            results.append((out.detach(), A.grad.clone(), B.grad.clone(), m.grad.clone(), tau.grad.clone()))
+            results.append((out.detach(), x.grad.clone(), bias.grad.clone(), A.grad.clone(), B.grad.clone(),
+                            m.grad.clone(), tau.grad.clone()))
         for a, b in zip(*results):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(results[0][2], g.sum(0))  # d out / d bias = 1 for any mask
 
 
 def test_token_gate_errors():

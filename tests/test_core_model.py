@@ -44,6 +44,34 @@ def test_parity_with_peft_when_every_token_is_active(arch, tau, dropout, method)
         torch.testing.assert_close(gd[k], gg[k], rtol=1e-8, atol=1e-9, msg=k)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_parity_with_peft_when_the_base_bias_trains(method, dropout):
+    """peft's bias="all": the base layer's bias trains, so the gate cannot fuse the frozen base's backward."""
+    dense = get_peft_model(tiny_bert(dtype=torch.float64), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["query", "value"], lora_dropout=dropout, use_dora=method == "dora",
+        bias="all", task_type="SEQ_CLS"))
+    with torch.no_grad():
+        for n, p in dense.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+            if "lora_magnitude" in n:
+                p.mul_(1.3)
+    gated = tspeft.enable(copy.deepcopy(dense), tspeft.TSConfig(lam=1e-3))
+    data = batch("bert")
+    results = []
+    for m in (dense, gated):
+        torch.manual_seed(5)
+        out = m(**data)
+        out.loss.backward()
+        results.append((out.logits.detach(), _grads(m)))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-9, atol=1e-9)
+    assert results[0][1].keys() == results[1][1].keys()
+    assert any(k.endswith("query.base_layer.bias") for k in results[0][1])
+    for k in results[0][1]:
+        torch.testing.assert_close(results[0][1][k], results[1][1][k], rtol=1e-8, atol=1e-9, msg=k)
+
+
 def test_parallel_adapter_dense_vs_gated_at_zero():
     dense = with_adapter(tiny_llama(dtype=torch.float64), "llama", "adapter")
     gated = tspeft.enable(copy.deepcopy(dense), tspeft.TSConfig())

@@ -469,6 +469,11 @@ class DoraGate(torch.autograd.Function):
             grads[3] = r["B"].to(B.dtype)
         if need[4]:
             grads[4] = r["magnitude"].to(ctx.mag_dtype)
+        if need[7] and not ctx.has_drop:
+            # b' = base - bias here, so a trainable bias (peft's bias="all"/"lora_only") reaches the output
+            # through base (g + m (s - 1) g, returned above) and through b' (-m (s - 1) g): net g
+            mf = as_float(mask, g.dtype)
+            grads[7] = ((mf @ g) * (sv - 1).to(g.dtype)).neg_().to(bias.dtype)
         if need[8]:
             grads[8] = r["tau"].reshape(1).to(ctx.tau_dtype)
         return tuple(grads)
