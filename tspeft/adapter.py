@@ -73,6 +73,13 @@ def add_parallel_adapter(
     modules_to_save: name suffixes of modules that stay trainable too (a classification head).
     """
     targets = target_modules if isinstance(target_modules, str) else list(target_modules)
+    existing = parallel_adapters(model)
+    if existing:
+        raise ValueError(
+            f"the model already has parallel adapters ({len(existing)}, e.g. {next(iter(existing))}); a second "
+            "add_parallel_adapter call would freeze them and leave them out of saves. Add every target in one "
+            "call (target_modules takes a list of names or one regex)."
+        )
     found = [
         (name, mod)
         for name, mod in model.named_modules()

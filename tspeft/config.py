@@ -62,8 +62,9 @@ class TSConfig:
     init_threshold: float = 0.0
     """tau_0 (Eq. 20): 0, so that at step 0 the model equals the dense PEFT model."""
 
-    target_modules: list[str] | None = None
-    """Names (suffixes of module names) of the adapter layers to gate; None gates every adapter layer."""
+    target_modules: str | list[str] | None = None
+    """The adapter layers to gate, as peft reads its own: a list of names (suffixes of module names), or one
+    string, a regular expression the full module name must match; None gates every adapter layer."""
 
     recompute_z: str = "auto"
     """Which LoRA/AdaLoRA modules compute their rank-space activations ``z = A x`` again in backward
@@ -93,9 +94,7 @@ class TSConfig:
             raise TypeError(f"TSConfig.follow_schedule must be a bool, got {self.follow_schedule!r}")
         if self.recompute_z not in RECOMPUTE:
             raise ValueError(f"TSConfig.recompute_z must be one of {RECOMPUTE}, got {self.recompute_z!r}")
-        if self.target_modules is not None:
-            if isinstance(self.target_modules, str):
-                self.target_modules = [self.target_modules]
+        if self.target_modules is not None and not isinstance(self.target_modules, str):
             self.target_modules = [str(t) for t in self.target_modules]
 
     def to_dict(self) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 Files beside peft's ``adapter_config.json`` / ``adapter_model.safetensors``:
 ``tspeft_config.json`` (TSConfig) and ``tspeft_state.safetensors`` (``<module>.threshold`` and, when an
 optimizer was built, ``<module>.step/.exp_avg/.exp_avg_sq``, with a sha256 of the tensors in its metadata,
-checked on load). A save writes every file (peft's included) into a staging folder first and only then
+checked on load, and a sha256 of the adapter weights file it was saved with, so that thresholds left behind
+by an earlier save are never loaded onto other weights: see :func:`stale_reason`). A save writes every file (peft's included) into a staging folder first and only then
 renames them into place, so a crash mid-save leaves the previous files whole and consistent.
 
 Plain ``peft.PeftModel.from_pretrained`` ignores these files and gives the dense adapter; use
@@ -28,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import CONFIG_NAME, TSConfig
-from .model import controller, enable, gated_modules
+from .model import THRESHOLD, controller, enable, gated_modules
 
 STATE_NAME = "tspeft_state.safetensors"
 ADAPTER_CONFIG = "tspeft_adapter.json"
@@ -106,10 +107,58 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _adapter_dir(model: nn.Module, directory: str | Path) -> Path:
-    """Return where peft writes the active adapter: the directory, or a subfolder for non-default names."""
-    name = getattr(model, "active_adapter", "default")
-    name = name if isinstance(name, str) else "default"
+    """Return where peft writes the gated adapter: the directory, or a subfolder for non-default names."""
+    name = controller(model).adapter_name or "default"
     return Path(directory) if name == "default" else Path(directory) / name
+
+
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin", ADAPTER_WEIGHTS)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _adapter_fingerprint(folder: Path) -> dict[str, str]:
+    """Return {"adapter_file": name, "adapter_sha256": hash} of the adapter weights beside the TS state, or {}."""
+    for name in ADAPTER_FILES:
+        if (folder / name).is_file():
+            return {"adapter_file": name, "adapter_sha256": _file_sha256(folder / name)}
+    return {}
+
+
+def stale_reason(directory: str | Path) -> str | None:
+    """Return why the TS files in `directory` do not belong to the adapter weights there, or None if they do.
+
+    The TS state records a sha256 of the adapter file it was saved with. A later dense save into the same
+    folder (plain peft, or after ``tspeft.disable``) replaces the adapter but leaves the TS files behind;
+    loading those thresholds onto the new adapter would silently gate a model that was never gated.
+    """
+    folder = Path(directory)
+    try:
+        with safe_open(str(folder / STATE_NAME), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception:
+        return None  # absent or unreadable: reported by whoever reads it
+    name, expected = metadata.get("adapter_file"), metadata.get("adapter_sha256")
+    if name is None or expected is None:  # saved before the fingerprint existed
+        return None
+    if not (folder / name).is_file() or _file_sha256(folder / name) != expected:
+        dense = (
+            "delete the two tspeft_* files to load it as a dense adapter with tspeft.from_pretrained"
+            if name == ADAPTER_WEIGHTS else "load the dense adapter with peft.PeftModel.from_pretrained"
+        )
+        return (
+            f"the token-selection files in {folder} ({CONFIG_NAME}, {STATE_NAME}) were saved with another "
+            f"{name} than the one there now: the adapter was saved again without token selection (plain peft, "
+            f"or after tspeft.disable) or changed since. To use that adapter, {dense}; to keep token "
+            "selection, save the gated model again."
+        )
+    return None
 
 
 def save_ts_state(model: nn.Module, directory: str | Path) -> Path:
@@ -124,7 +173,7 @@ def save_ts_state(model: nn.Module, directory: str | Path) -> Path:
     for name, state in threshold_state(model).items():
         for k in RULE_KEYS:
             tensors[f"{name}.{k}"] = torch.as_tensor(state[k]).float().cpu().reshape(1).contiguous()
-    metadata = {"format": "tspeft", "sha256": state_checksum(tensors)}
+    metadata = {"format": "tspeft", "sha256": state_checksum(tensors), **_adapter_fingerprint(folder)}
     atomic_write(folder / STATE_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     config_text = json.dumps(ctrl.config.to_dict(), indent=2) + "\n"
     atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config_text))
@@ -137,6 +186,8 @@ def load_ts_state(model: nn.Module, directory: str | Path) -> None:
     path = Path(directory) / STATE_NAME
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: this folder holds no token-selection state")
+    if (why := stale_reason(directory)) is not None:
+        raise ValueError(why)
     tensors = _read_state(path)
     mods = gated_modules(model)
     missing = [n for n in mods if f"{n}.threshold" not in tensors]
@@ -158,8 +209,9 @@ def load_ts_state(model: nn.Module, directory: str | Path) -> None:
 
 
 def is_token_selective(directory: str | Path) -> bool:
-    """Return True if `directory` holds a token-selective adapter saved by tspeft."""
-    return (Path(directory) / CONFIG_NAME).exists()
+    """Return True if `directory` holds a token-selective adapter saved by tspeft (and still belonging to the
+    adapter weights there: see :func:`stale_reason`)."""
+    return (Path(directory) / CONFIG_NAME).exists() and stale_reason(directory) is None
 
 
 def save_pretrained(model: nn.Module, directory: str | Path, **kwargs: Any) -> Path:
@@ -175,18 +227,36 @@ def save_pretrained(model: nn.Module, directory: str | Path, **kwargs: Any) -> P
     adapters = parallel_adapters(model)
     if not adapters:
         raise ValueError("nothing to save: the model is neither a peft model nor has tspeft parallel adapters")
-    trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()
-                 if p.requires_grad and not n.endswith("ts_threshold")}
     cfg = dict(getattr(model, "tspeft_adapter_config", {}))
+    weights = _adapter_weights(model, cfg)
 
     def write(staging: Path) -> None:
-        save_file(trainable, str(staging / ADAPTER_WEIGHTS))
+        save_file(weights, str(staging / ADAPTER_WEIGHTS))
         (staging / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
         if getattr(model, "_tspeft", None) is not None:
             save_ts_state(model, staging)
 
     staged_save(directory, write)
     return directory
+
+
+def _saved_names(model: nn.Module, cfg: dict[str, Any]) -> set[str]:
+    """Return the parameter names a parallel-adapter save must hold: every adapter's own weights and the
+    modules_to_save, whether or not they train now (a model loaded for inference has them frozen)."""
+    from .adapter import _matches, parallel_adapters
+
+    prefixes = [f"{n}.adapter_" for n in parallel_adapters(model)]
+    keep = cfg.get("modules_to_save") or []
+    kept = [f"{n}." for n, _ in model.named_modules() if keep and n and _matches(n, keep)]
+    return {n for n, _ in model.named_parameters() if n.startswith(tuple(prefixes + kept))}
+
+
+def _adapter_weights(model: nn.Module, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Return what a parallel-adapter save writes: the adapters and modules_to_save, plus anything else
+    that trains (a user may unfreeze more), never the thresholds (they go in the TS state)."""
+    names = _saved_names(model, cfg)
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()
+            if (n in names or p.requires_grad) and not n.endswith(THRESHOLD)}
 
 
 def from_pretrained(base_model: nn.Module, directory: str | Path, is_trainable: bool = False, **kwargs: Any) -> nn.Module:
@@ -196,6 +266,8 @@ def from_pretrained(base_model: nn.Module, directory: str | Path, is_trainable: 
     loads as a dense adapter with a clear error instead of silently dropping the gates.
     """
     directory = Path(directory)
+    if (directory / CONFIG_NAME).exists() and (why := stale_reason(directory)) is not None:
+        raise ValueError(why)
     selective = is_token_selective(directory)
     if not selective and not (directory / ADAPTER_CONFIG).exists():
         raise FileNotFoundError(
@@ -215,6 +287,13 @@ def from_pretrained(base_model: nn.Module, directory: str | Path, is_trainable: 
         result = model.load_state_dict(weights, strict=False)
         if result.unexpected_keys:
             raise ValueError(f"unexpected adapter weights in {directory}: {result.unexpected_keys[:5]}")
+        missing = sorted(_saved_names(model, acfg) - set(weights))
+        if missing:
+            raise ValueError(
+                f"{directory / ADAPTER_WEIGHTS} lacks {len(missing)} adapter weight(s), e.g. {missing[:3]}: "
+                "the file is incomplete (saved by an older tspeft from a model loaded for inference?); "
+                "re-save the adapter from the trained model"
+            )
         if not is_trainable:
             for p in model.parameters():
                 p.requires_grad_(False)

@@ -33,6 +33,13 @@ def _active(layer: nn.Module) -> str:
             f"token selection needs exactly one active adapter, {type(layer).__name__} has {list(names)}; "
             "call model.set_adapter(name) with a single adapter"
         )
+    gated = layer._ts_ctrl.adapter_name
+    if gated is not None and names[0] != gated:
+        raise RuntimeError(
+            f"token selection was enabled for adapter {gated!r}, but {names[0]!r} is active: the thresholds "
+            f"belong to {gated!r}. Call model.set_adapter({gated!r}), or tspeft.disable(model) and then "
+            "tspeft.enable(model, ...) with the other adapter active."
+        )
     return names[0]
 
 

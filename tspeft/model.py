@@ -35,6 +35,8 @@ class TSController:
         self.optimizer_ref: weakref.ref | None = None
         self.pending_optimizer_state: dict[str, dict[str, torch.Tensor]] = {}
         self.hook_handles: list[Any] = []
+        self.adapter_name: str | None = None  # the peft adapter that was active at enable (None: parallel adapters)
+        self.modules: list[nn.Module] = []  # the gated layers
 
     def lam_factor(self) -> float | torch.Tensor:
         """Return the factor for lambda's term of g_k: the loss scale times the data-parallel world size.
@@ -87,11 +89,15 @@ class GatedLayer:
         return type(self)._ts_update(self, x, base, gate)
 
     def merge(self, *args: Any, **kwargs: Any) -> None:
-        tau = float(getattr(self, THRESHOLD).detach().max())
-        if tau > 0:
+        # every gated layer of the model, not only this one: peft merges layer by layer, and a refusal half-way
+        # through merge_and_unload would leave the earlier layers merged and unloaded for good
+        taus = [float(m._parameters[THRESHOLD].detach().max()) for m in self._ts_ctrl.modules]
+        above = sum(t > 0 for t in taus)
+        if above:
             raise RuntimeError(
-                f"cannot merge a token-selective adapter with threshold {tau:.4g} > 0: merged weights would "
-                "apply the update to every token. Keep the adapter unmerged (the gate stays on at inference)."
+                f"cannot merge a token-selective adapter: {above} of {len(taus)} gated modules have a threshold "
+                f"> 0 (largest {max(taus):.4g}), and merged weights would apply the update to every token. Keep "
+                "the adapter unmerged (the gate stays on at inference); nothing was merged."
             )
         return super().merge(*args, **kwargs)
 
@@ -113,8 +119,10 @@ def _is_adapter_layer(module: nn.Module) -> bool:
     return isinstance(module, (BaseTunerLayer, ParallelAdapter))
 
 
-def _matches(name: str, targets: list[str] | None) -> bool:
-    return targets is None or any(name == t or name.endswith("." + t) for t in targets)
+def _matches(name: str, targets: str | list[str] | None) -> bool:
+    from .adapter import _matches as matches  # a list of name suffixes, or one regex, as peft reads them
+
+    return targets is None or matches(name, targets)
 
 
 def controller(model: nn.Module) -> TSController:
@@ -209,6 +217,8 @@ def enable(model: nn.Module, config: TSConfig | None = None) -> nn.Module:
             + (f"; TSConfig.target_modules={config.target_modules} matched nothing" if config.target_modules else "")
         )
     ctrl = TSController(config)
+    if isinstance(getattr(model, "active_adapter", None), str):
+        ctrl.adapter_name = model.active_adapter
     recompute = set(_recompute_z(list(candidates.values()), config.recompute_z))
     for mod in candidates.values():
         update = gated_forward_for(mod)
@@ -220,22 +230,29 @@ def enable(model: nn.Module, config: TSConfig | None = None) -> nn.Module:
         mod.__class__ = _gated_class(type(mod), update)
         mod._ts_ctrl = ctrl
         mod.__dict__[KEEP_Z] = mod not in recompute
+    ctrl.modules = list(candidates.values())
     model._tspeft = ctrl
     _ddp_ignore(model, [f"{name}.{STATS}" for name in candidates], add=True)
-    # on the peft wrapper and on the transformers model inside: generate() calls the inner model directly
+    # on the peft wrapper and on the transformers model inside: generate() calls the inner model directly;
+    # and, leniently, on that model's backbone (e.g. LlamaModel), which a user may call without the head
     from peft import PeftModel
 
     inner = model.get_base_model() if isinstance(model, PeftModel) else model
-    for mod in dict.fromkeys([model, inner]):
+    backbone = getattr(inner, "base_model", None)
+    hooked = {model: False, inner: False}
+    if isinstance(backbone, nn.Module) and backbone not in hooked:
+        hooked[backbone] = True
+    for mod, lenient in hooked.items():
         mod._ts_mask_ctrl = ctrl  # the hook finds the controller through the module: right for a deepcopy too
-        ctrl.hook_handles.append(mod.register_forward_pre_hook(_capture_attention_mask(model, mod), with_kwargs=True))
+        hook = _capture_attention_mask(model, mod, lenient=lenient)
+        ctrl.hook_handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
     _wrap_save(model)
     return model
 
 
 def disable(model: nn.Module) -> nn.Module:
     """Return `model` with the gates removed (thresholds dropped): the dense adapter again."""
-    ctrl = controller(model)
+    controller(model)  # raises if token selection is not on
     _ddp_ignore(model, [f"{name}.{STATS}" for name in gated_modules(model)], add=False)
     for mod in gated_modules(model).values():
         mod.__class__ = next(c for c in type(mod).__mro__[1:] if c is not GatedLayer and not issubclass(c, GatedLayer))
@@ -243,16 +260,23 @@ def disable(model: nn.Module) -> nn.Module:
         del mod._buffers[STATS]
         del mod._ts_ctrl
         mod.__dict__.pop(KEEP_Z, None)
-    for handle in ctrl.hook_handles:
-        handle.remove()
-    for mod in model.modules():
-        if "_ts_mask_ctrl" in mod.__dict__:
-            del mod._ts_mask_ctrl
+    _release_hooks(model)
     cls = type(model)
     if getattr(cls, "_ts_wrapped", False):
         model.__class__ = cls.__mro__[1]
     del model._tspeft
     return model
+
+
+def _release_hooks(model: nn.Module) -> None:
+    """Remove the padding-mask pre-hooks and their controller references from the model's modules."""
+    ctrl = controller(model)
+    for handle in ctrl.hook_handles:
+        handle.remove()
+    ctrl.hook_handles.clear()
+    for mod in model.modules():
+        if "_ts_mask_ctrl" in mod.__dict__:
+            del mod._ts_mask_ctrl
 
 
 def _recompute_z(modules: list[nn.Module], policy: str) -> list[nn.Module]:
@@ -291,8 +315,12 @@ def _ddp_ignore(model: nn.Module, names: list[str], *, add: bool) -> None:
         vars(model).pop(key, None)
 
 
-def _capture_attention_mask(model: nn.Module, module: nn.Module):
-    """Return a forward pre-hook for `module` that stores the call's 2-D attention mask on model's controller."""
+def _capture_attention_mask(model: nn.Module, module: nn.Module, lenient: bool = False):
+    """Return a forward pre-hook for `module` that stores the call's 2-D attention mask on model's controller.
+
+    lenient (a backbone inside the hooked model): a mask that is missing or not a usable padding mask (the
+    model above may pass it on transformed) leaves the captured one as it is instead of raising.
+    """
     try:
         params = list(inspect.signature(module.forward).parameters)
     except (TypeError, ValueError):
@@ -305,6 +333,16 @@ def _capture_attention_mask(model: nn.Module, module: nn.Module):
         return value
 
     def hook(hooked: nn.Module, args: tuple, kwargs: dict) -> None:
+        if lenient:
+            try:
+                if argument("attention_mask", args, kwargs) is not None:
+                    strict(hooked, args, kwargs)
+            except (TypeError, ValueError):
+                pass
+            return
+        strict(hooked, args, kwargs)
+
+    def strict(hooked: nn.Module, args: tuple, kwargs: dict) -> None:
         mask = _as_token_mask(argument("attention_mask", args, kwargs))
         ids, embeds = argument("input_ids", args, kwargs), argument("inputs_embeds", args, kwargs)
         what, tokens = ("input_ids", ids.shape) if isinstance(ids, torch.Tensor) else ("inputs_embeds", None)
@@ -377,11 +415,27 @@ def _wrap_save(model: nn.Module) -> None:
             if not bound.arguments.get("is_main_process", True):  # other ranks: peft writes nothing, nor do we
                 return cls.save_pretrained(self, save_directory, *args, **kwargs)
 
+            # peft saves every parameter of an adapter layer; the thresholds belong in the TS state only
+            state = kwargs.get("state_dict")
+            state = self.state_dict() if state is None else state
+            kwargs["state_dict"] = {k: v for k, v in state.items() if not k.endswith("." + THRESHOLD)}
+
             def write(staging):
                 cls.save_pretrained(self, str(staging), *args, **kwargs)
                 save_ts_state(self, staging)
 
             staged_save(save_directory, write)
 
-        _SAVE_CLASSES[cls] = type(f"TS{cls.__name__}", (cls,), {"save_pretrained": save_pretrained, "_ts_wrapped": True})
+        def merge_and_unload(self, *args, **kwargs):
+            merged = self.base_model.merge_and_unload(*args, **kwargs)  # refused whole if a threshold is > 0
+            _release_hooks(self)  # the plain model it returns keeps no tspeft hook
+            return merged
+
+        def unload(self, *args, **kwargs):
+            plain = self.base_model.unload(*args, **kwargs)
+            _release_hooks(self)
+            return plain
+
+        methods = {"save_pretrained": save_pretrained, "merge_and_unload": merge_and_unload, "unload": unload}
+        _SAVE_CLASSES[cls] = type(f"TS{cls.__name__}", (cls,), {**methods, "_ts_wrapped": True})
     model.__class__ = _SAVE_CLASSES[cls]

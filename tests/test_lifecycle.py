@@ -1,0 +1,147 @@
+"""What a peft user does around training: re-saving, merging, switching adapters, calling parts of the model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import batch, tiny_llama, with_adapter
+from peft import LoraConfig, PeftModel
+from safetensors.torch import load_file
+
+import tspeft
+
+
+def _fill(model, value):
+    with torch.no_grad():
+        for p in tspeft.threshold_parameters(model).values():
+            p.fill_(value)
+
+
+def test_a_parallel_adapter_loaded_for_inference_saves_whole(tmp_path):
+    model = tspeft.enable(with_adapter(tiny_llama(), "llama", "adapter"), tspeft.TSConfig())
+    tspeft.save_pretrained(model, tmp_path)
+    first = load_file(str(tmp_path / "tspeft_adapter.safetensors"))
+    loaded = tspeft.from_pretrained(tiny_llama(), tmp_path)  # frozen: nothing requires grad
+    assert not any(p.requires_grad for p in loaded.parameters())
+    tspeft.save_pretrained(loaded, tmp_path)
+    second = load_file(str(tmp_path / "tspeft_adapter.safetensors"))
+    assert first.keys() == second.keys() and first
+    for k in first:
+        torch.testing.assert_close(first[k], second[k], rtol=0, atol=0)
+    data = batch("llama")
+    again = tspeft.from_pretrained(tiny_llama(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**data).logits, again(**data).logits, rtol=0, atol=0)
+
+
+def test_an_incomplete_parallel_adapter_file_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    tspeft.save_pretrained(with_adapter(tiny_llama(), "llama", "adapter"), tmp_path)  # dense: no TS state
+    path = tmp_path / "tspeft_adapter.safetensors"
+    weights = load_file(str(path))
+    dropped = next(iter(weights))
+    save_file({k: v for k, v in weights.items() if k != dropped}, str(path))
+    with pytest.raises(ValueError, match="lacks 1 adapter weight"):
+        tspeft.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_a_second_add_parallel_adapter_call_is_refused():
+    model = tspeft.add_parallel_adapter(tiny_llama(), ["q_proj"], hidden=4)
+    with pytest.raises(ValueError, match="one call"):
+        tspeft.add_parallel_adapter(model, ["v_proj"], hidden=4)
+
+
+def test_a_refused_merge_merges_nothing():
+    model = tspeft.enable(with_adapter(tiny_llama(), "llama", "lora"), tspeft.TSConfig())
+    model.eval()
+    taus = tspeft.threshold_parameters(model)
+    with torch.no_grad():
+        taus[list(taus)[-1]].fill_(0.5)  # only the last module: peft would merge the others first
+    data = batch("llama")
+    with torch.no_grad():
+        before = model(**data).logits
+    for merge in (model.merge_and_unload, model.merge_adapter, model.base_model.merge_and_unload):
+        with pytest.raises(RuntimeError, match="nothing was merged"):
+            merge()
+    assert len(tspeft.gated_modules(model)) == len(taus)
+    assert not any(getattr(m, "merged", False) for m in tspeft.gated_modules(model).values())
+    with torch.no_grad():
+        torch.testing.assert_close(model(**data).logits, before, rtol=0, atol=0)
+
+
+def test_merge_and_unload_leaves_a_plain_model_without_hooks():
+    model = tspeft.enable(with_adapter(tiny_llama(), "llama", "lora"), tspeft.TSConfig())
+    merged = model.merge_and_unload()
+    assert not any("_ts_mask_ctrl" in m.__dict__ for m in merged.modules())
+    assert not any(m._forward_pre_hooks for m in merged.modules())
+    ids = torch.randint(0, 64, (2, 5))
+    merged(input_ids=ids, attention_mask=torch.ones(2, 1, 5, 5))  # a 4-D mask is the model's business now
+
+
+def test_thresholds_stay_out_of_peft_adapter_weights(tmp_path):
+    model = tspeft.enable(with_adapter(tiny_llama(), "llama", "lora"), tspeft.TSConfig())
+    model.save_pretrained(tmp_path)
+    keys = load_file(str(tmp_path / "adapter_model.safetensors")).keys()
+    assert keys and not any("ts_threshold" in k for k in keys)
+    assert any(k.endswith(".threshold") for k in load_file(str(tmp_path / "tspeft_state.safetensors")))
+
+
+def test_token_selection_files_of_another_adapter_save_are_refused(tmp_path):
+    model = tspeft.enable(with_adapter(tiny_llama(), "llama", "lora"), tspeft.TSConfig())
+    _fill(model, 0.5)
+    model.save_pretrained(tmp_path)
+    assert tspeft.is_token_selective(tmp_path)
+    tspeft.disable(model)
+    with torch.no_grad():  # trained on densely, then saved by peft into the same folder
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.1)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "tspeft_state.safetensors").exists()
+    assert not tspeft.is_token_selective(tmp_path)
+    with pytest.raises(ValueError, match="saved with another adapter_model.safetensors"):
+        tspeft.from_pretrained(tiny_llama(), tmp_path)
+    dense = PeftModel.from_pretrained(tiny_llama(), str(tmp_path))  # the dense adapter still loads
+    data = batch("llama")
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(dense(**data).logits, model(**data).logits, rtol=0, atol=0)
+
+
+def test_switching_to_another_adapter_is_refused_and_saves_go_with_the_gated_one(tmp_path):
+    model = with_adapter(tiny_llama(), "llama", "lora")
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["q_proj"]))
+    tspeft.enable(model, tspeft.TSConfig())
+    data = batch("llama")
+    model.set_adapter("other")
+    with pytest.raises(RuntimeError, match="enabled for adapter 'default'"):
+        model(**data)
+    model.save_pretrained(tmp_path)  # peft writes both adapters; the TS files belong to "default"
+    assert (tmp_path / "tspeft_state.safetensors").exists()
+    assert not (tmp_path / "other" / "tspeft_state.safetensors").exists()
+    model.set_adapter("default")
+    model(**data)
+    assert tspeft.from_pretrained(tiny_llama(), tmp_path) is not None
+
+
+def test_a_backbone_called_alone_counts_its_own_padding():
+    model = tspeft.enable(with_adapter(tiny_llama(), "llama", "lora"), tspeft.TSConfig())
+    data = batch("llama", b=2, t=7, pad=3)
+    with torch.no_grad():
+        model(**data)
+    tspeft.reset_stats(model)
+    backbone = model.get_base_model().model
+    with torch.no_grad():
+        backbone(input_ids=data["input_ids"], attention_mask=torch.ones_like(data["attention_mask"]))
+    assert {v["tokens"] for v in tspeft.module_stats(model).values()} == {14}
+
+
+def test_target_modules_as_one_string_is_a_regex_as_in_peft():
+    model = with_adapter(tiny_llama(), "llama", "lora")
+    tspeft.enable(copy.deepcopy(model), tspeft.TSConfig(target_modules=["q_proj"]))
+    gated = tspeft.gated_modules(tspeft.enable(model, tspeft.TSConfig(target_modules=r".*layers\.0\..*_proj")))
+    assert gated and all(".layers.0." in n for n in gated)
+    assert tspeft.TSConfig.from_dict(tspeft.TSConfig(target_modules=".*q_proj").to_dict()).target_modules == ".*q_proj"
