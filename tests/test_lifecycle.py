@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from conftest import batch, tiny_llama, with_adapter
-from peft import LoraConfig, PeftModel
+from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 import tspeft
@@ -145,3 +145,40 @@ def test_target_modules_as_one_string_is_a_regex_as_in_peft():
     gated = tspeft.gated_modules(tspeft.enable(model, tspeft.TSConfig(target_modules=r".*layers\.0\..*_proj")))
     assert gated and all(".layers.0." in n for n in gated)
     assert tspeft.TSConfig.from_dict(tspeft.TSConfig(target_modules=".*q_proj").to_dict()).target_modules == ".*q_proj"
+
+
+def _seq2seq(arch: str):
+    from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    if arch == "t5":
+        cfg = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_decoder_layers=1, num_heads=4,
+                       decoder_start_token_id=0, pad_token_id=0)
+        return get_peft_model(T5ForConditionalGeneration(cfg), LoraConfig(r=4, target_modules=["q", "k", "v"]))
+    cfg = BartConfig(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                     decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64)
+    return get_peft_model(BartForConditionalGeneration(cfg), LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj"]))
+
+
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+def test_encoder_decoder_layers_count_their_own_sequences_padding(arch):
+    """Encoder layers and cross-attention's key/value read the encoder's mask, the other decoder layers the decoder's."""
+    model = tspeft.enable(_seq2seq(arch), tspeft.TSConfig())
+    ids = torch.randint(3, 64, (2, 6))
+    enc_mask = torch.ones(2, 6, dtype=torch.long)
+    enc_mask[0, 3:] = 0  # 9 real encoder tokens
+    dec_ids = torch.randint(3, 64, (2, 6))  # as long as the encoder's: shapes cannot tell the masks apart
+    dec_mask = torch.ones(2, 6, dtype=torch.long)
+    dec_mask[1, 4:] = 0  # 10 real decoder tokens
+    model(input_ids=ids, attention_mask=enc_mask, decoder_input_ids=dec_ids, decoder_attention_mask=dec_mask)
+    counts = {n: v["tokens"] for n, v in tspeft.module_stats(model).items()}
+    cross = ("EncDecAttention.k", "EncDecAttention.v", "encoder_attn.k_proj", "encoder_attn.v_proj")
+    for name, tokens in counts.items():
+        from_encoder = ".encoder." in name or name.endswith(cross)
+        assert tokens == (9 if from_encoder else 10), (name, tokens)
+    tspeft.reset_stats(model)
+    model.eval()
+    with torch.no_grad():  # generate: the encoder runs alone, then the decoder token by token with a cache
+        model.generate(input_ids=ids, attention_mask=enc_mask, max_new_tokens=3, do_sample=False)
+    counts = {n: v["tokens"] for n, v in tspeft.module_stats(model).items()}
+    assert all(t == 9 for n, t in counts.items() if ".encoder." in n or n.endswith(cross))

@@ -31,6 +31,10 @@ class TSController:
     def __init__(self, config: TSConfig) -> None:
         self.config = config
         self.token_mask: torch.Tensor | None = None  # (batch, seq) bool of the current forward, or None
+        # encoder-decoder models: token_mask is the encoder's; the decoder's own, and which tensor is the
+        # encoder's output (the input of cross-attention's key and value projections)
+        self.decoder_mask: torch.Tensor | None = None
+        self.encoder_states: tuple[int, tuple[int, ...]] | None = None  # (data_ptr, shape)
         self.grad_scaler: Any = None  # a torch.amp.GradScaler whose scale multiplies lambda's term
         self.optimizer_ref: weakref.ref | None = None
         self.pending_optimizer_state: dict[str, dict[str, torch.Tensor]] = {}
@@ -52,19 +56,37 @@ class TSController:
             factor = factor * torch.distributed.get_world_size()
         return factor
 
-    def real_tokens(self, x: torch.Tensor) -> torch.Tensor | None:
+    def real_tokens(self, x: torch.Tensor, module: nn.Module | None = None) -> torch.Tensor | None:
         """Return (N,) bool real-token flags for a layer input x (..., d), or None if every position counts.
 
         The captured mask (batch, seq) applies when x is that token sequence, i.e. x.shape[:-1] ==
         (batch, seq) (or flattens to it). Other inputs — BERT's pooler (one vector per sequence), a vision
-        tower's patches, cross-attention over another sequence — count every position as real.
+        tower's patches, cross-attention over another sequence — count every position as real. In an
+        encoder-decoder model a decoder layer (`module`) reads the decoder's mask, unless its input is the
+        encoder's output (cross-attention's key and value), which reads the encoder's.
         """
         mask = self.token_mask
+        if module is not None and module.__dict__.get(DECODER, False) and not self._is_encoder_states(x):
+            mask = self.decoder_mask
         if mask is None or x.dim() < 3 or x.shape[-2] != mask.shape[-1]:
             return None
         if x[..., 0].numel() != mask.numel():
             return None
         return mask.reshape(-1)
+
+    def _is_encoder_states(self, x: torch.Tensor) -> bool:
+        return self.encoder_states is not None and self.encoder_states == (x.data_ptr(), tuple(x.shape))
+
+    def masks(self) -> tuple[Any, Any, Any]:
+        """Return the captured masks (to replay in a checkpointed block's recompute)."""
+        return self.token_mask, self.decoder_mask, self.encoder_states
+
+    def set_masks(self, masks: tuple[Any, Any, Any]) -> None:
+        self.token_mask, self.decoder_mask, self.encoder_states = masks
+
+
+DECODER = "_ts_decoder"
+"""Instance attribute of a gated layer inside an encoder-decoder model's decoder."""
 
 
 class GatedLayer:
@@ -82,7 +104,7 @@ class GatedLayer:
         gate = {
             "threshold": self._parameters[THRESHOLD],  # not getattr: nn.Module's __getattr__ is slow, per call
             "lam": ctrl.config.lam,
-            "real": ctrl.real_tokens(x),
+            "real": ctrl.real_tokens(x, self),
             "stats": self._buffers[STATS],
             "lam_factor": ctrl.lam_factor,
         }
@@ -152,21 +174,21 @@ def checkpoint_context_fn(model: nn.Module) -> Callable[[], tuple[Any, Any]]:
     ctrl = controller(model)
 
     def context_fn() -> tuple[Any, Any]:
-        # called when the checkpointed block runs forward: its mask is the current one
-        return contextlib.nullcontext(), _token_mask_as(ctrl, ctrl.token_mask)
+        # called when the checkpointed block runs forward: its masks are the current ones
+        return contextlib.nullcontext(), _masks_as(ctrl, ctrl.masks())
 
     return context_fn
 
 
 @contextlib.contextmanager
-def _token_mask_as(ctrl: TSController, mask: torch.Tensor | None) -> Iterator[None]:
-    """Run a block's recompute with the padding mask of its original forward, then restore the current one."""
-    current = ctrl.token_mask
-    ctrl.token_mask = mask
+def _masks_as(ctrl: TSController, masks: tuple[Any, Any, Any]) -> Iterator[None]:
+    """Run a block's recompute with the padding masks of its original forward, then restore the current ones."""
+    current = ctrl.masks()
+    ctrl.set_masks(masks)
     try:
         yield
     finally:
-        ctrl.token_mask = current
+        ctrl.set_masks(current)
 
 
 def is_enabled(model: nn.Module) -> bool:
@@ -232,6 +254,11 @@ def enable(model: nn.Module, config: TSConfig | None = None) -> nn.Module:
         mod.__dict__[KEEP_Z] = mod not in recompute
     ctrl.modules = list(candidates.values())
     model._tspeft = ctrl
+    stacks = _encoder_decoder(model)
+    if stacks is not None:
+        in_decoder = {id(m) for m in stacks[1].modules()}
+        for mod in candidates.values():
+            mod.__dict__[DECODER] = id(mod) in in_decoder
     _ddp_ignore(model, [f"{name}.{STATS}" for name in candidates], add=True)
     # on the peft wrapper and on the transformers model inside: generate() calls the inner model directly;
     # and, leniently, on that model's backbone (e.g. LlamaModel), which a user may call without the head
@@ -239,12 +266,14 @@ def enable(model: nn.Module, config: TSConfig | None = None) -> nn.Module:
 
     inner = model.get_base_model() if isinstance(model, PeftModel) else model
     backbone = getattr(inner, "base_model", None)
-    hooked = {model: False, inner: False}
+    hooked = {model: "", inner: ""}
     if isinstance(backbone, nn.Module) and backbone not in hooked:
-        hooked[backbone] = True
-    for mod, lenient in hooked.items():
+        hooked[backbone] = "lenient"
+    if stacks is not None:  # generate() runs the encoder alone, then the decoder with its own mask
+        hooked.update({stacks[0]: "", stacks[1]: "decoder"})
+    for mod, kind in hooked.items():
         mod._ts_mask_ctrl = ctrl  # the hook finds the controller through the module: right for a deepcopy too
-        hook = _capture_attention_mask(model, mod, lenient=lenient)
+        hook = _capture_attention_mask(model, mod, lenient=kind == "lenient", decoder=kind == "decoder")
         ctrl.hook_handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
     _wrap_save(model)
     return model
@@ -260,12 +289,28 @@ def disable(model: nn.Module) -> nn.Module:
         del mod._buffers[STATS]
         del mod._ts_ctrl
         mod.__dict__.pop(KEEP_Z, None)
+        mod.__dict__.pop(DECODER, None)
     _release_hooks(model)
     cls = type(model)
     if getattr(cls, "_ts_wrapped", False):
         model.__class__ = cls.__mro__[1]
     del model._tspeft
     return model
+
+
+def _encoder_decoder(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """Return (encoder, decoder) of an encoder-decoder transformers model (T5, BART, ...), else None."""
+    from peft import PeftModel
+
+    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    if not getattr(getattr(inner, "config", None), "is_encoder_decoder", False):
+        return None
+    try:
+        encoder, decoder = inner.get_encoder(), inner.get_decoder()
+    except (AttributeError, NotImplementedError):
+        return None
+    ok = isinstance(encoder, nn.Module) and isinstance(decoder, nn.Module) and encoder is not decoder
+    return (encoder, decoder) if ok else None
 
 
 def _release_hooks(model: nn.Module) -> None:
@@ -315,11 +360,13 @@ def _ddp_ignore(model: nn.Module, names: list[str], *, add: bool) -> None:
         vars(model).pop(key, None)
 
 
-def _capture_attention_mask(model: nn.Module, module: nn.Module, lenient: bool = False):
+def _capture_attention_mask(model: nn.Module, module: nn.Module, lenient: bool = False, decoder: bool = False):
     """Return a forward pre-hook for `module` that stores the call's 2-D attention mask on model's controller.
 
     lenient (a backbone inside the hooked model): a mask that is missing or not a usable padding mask (the
     model above may pass it on transformed) leaves the captured one as it is instead of raising.
+    decoder (an encoder-decoder model's decoder): the mask is the decoder's, and the call's
+    ``encoder_hidden_states`` is remembered as the encoder's output.
     """
     try:
         params = list(inspect.signature(module.forward).parameters)
@@ -353,7 +400,13 @@ def _capture_attention_mask(model: nn.Module, module: nn.Module, lenient: bool =
             _check_tokens(tuple(tokens), what, mask, cached)
             if mask is not None and mask.shape[-1] > tokens[-1]:  # KV cache: the new tokens are the mask's last
                 mask = mask[..., -tokens[-1]:]
-        hooked._ts_mask_ctrl.token_mask = mask
+        ctrl = hooked._ts_mask_ctrl
+        if not decoder:
+            ctrl.token_mask = mask
+            return
+        ctrl.decoder_mask = mask
+        states = argument("encoder_hidden_states", args, kwargs)
+        ctrl.encoder_states = (states.data_ptr(), tuple(states.shape)) if isinstance(states, torch.Tensor) else None
 
     return hook
 

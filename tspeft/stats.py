@@ -113,7 +113,7 @@ def collect_ratios(model: nn.Module, batches, max_per_module: int = 20000) -> di
             delta = (output - base).reshape(-1, output.shape[-1]).float()
             plain = (base if bias is None else base - bias).reshape(-1, output.shape[-1]).float()
             ratio = delta.norm(dim=-1) / plain.norm(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
-            real = ctrl.real_tokens(x)
+            real = ctrl.real_tokens(x, module)
             found[name].append((ratio if real is None else ratio[real]).cpu())
         return hook
 
