@@ -74,6 +74,38 @@ def test_resume_after_a_kill_ends_with_the_same_metrics(tiny_model_dir, tmp_path
     assert [json.loads(x)["modules"] for x in cut_log] == [json.loads(x)["modules"] for x in full_log]
 
 
+def test_a_previous_run_is_never_replaced_or_resumed_by_mistake(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TSPEFT_QUIET", "1")
+    run = tmp_path / "run"
+    first = train(_cfg(tiny_model_dir, run))
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(FileExistsError, match="--overwrite"):  # refused before anything is touched
+        train(_cfg(tiny_model_dir, run, seed=1))
+    assert main(["train", "--model", tiny_model_dir, "--output-dir", str(run)]) == 2
+    assert "previous run" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="lam 0.001 -> 0.01"):  # a resume trains the checkpoint's run, or nothing
+        train(_cfg(tiny_model_dir, run, lam=1e-2, resume=True))
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
+    # killed while saving checkpoint-12 (trainer_state.json comes last), after logging step 12
+    (run / "checkpoints" / "checkpoint-12" / "trainer_state.json").unlink()
+    (run / "run.json").unlink()
+    resumed = train(_cfg(tiny_model_dir, run, resume=True))
+    assert "skipping" in capsys.readouterr().out
+    assert [json.loads(x)["step"] for x in (run / "log.jsonl").read_text().splitlines()] == list(range(1, 13))
+    assert resumed["score"] == first["score"] and resumed["sparsity"] == first["sparsity"]
+    (run / "checkpoints" / "checkpoint-99").mkdir()  # another run's checkpoint: gone after --overwrite
+    train(_cfg(tiny_model_dir, run, epochs=1), overwrite=True)
+    assert "replacing the previous run" in capsys.readouterr().out
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-6"]
+    assert len((run / "log.jsonl").read_text().splitlines()) == 6
+
+
+def test_eval_of_a_foreign_run_json_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "run.json").write_text('{"task": 1}')
+    assert main(["eval", str(tmp_path)]) == 2
+    assert "not written by 'tspeft train'" in capsys.readouterr().err
+
+
 def test_cli_errors_name_the_known_choices(capsys):
     assert main(["train", "--task", "nope"]) == 2
     assert "known" in capsys.readouterr().err

@@ -34,7 +34,7 @@ _HELP = {
     "data_files": "for --task local: train=path test=path (CSV or JSONL)",
     "max_train": "cap on training examples after the seeded shuffle (0 = no cap)",
     "max_test": "cap on test examples after the seeded shuffle (0 = no cap)",
-    "resume": "continue from the last checkpoint in the output directory",
+    "resume": "continue from the newest whole checkpoint in the output directory (with the run's own settings)",
 }
 
 
@@ -117,7 +117,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
     from .train import train
 
     cfg = _run_config(ns)
-    record = train(cfg)
+    record = train(cfg, overwrite=ns.overwrite)
     if record:  # empty on data-parallel ranks other than 0
         _print_result(record, cfg.output_dir)
     return 0
@@ -248,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
     p.add_argument("--recipe", default="small", help=RECIPE_HELP)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous run in the output directory (without it, one is refused)")
     _add_run_flags(p)
     p.set_defaults(func=cmd_train)
 
@@ -314,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
         return ns.func(ns)
-    except (FileNotFoundError, ValueError, ImportError, RuntimeError) as exc:
+    except (FileNotFoundError, FileExistsError, ValueError, ImportError, RuntimeError) as exc:
         if os.environ.get("TSPEFT_DEBUG"):
             raise
         print(f"tspeft {ns.command}: error: {exc}", file=sys.stderr)

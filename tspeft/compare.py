@@ -51,7 +51,7 @@ def compare(
         tag = f"[{i}/{len(plan)}] {cfg.label} seed {seed}"
         if record is None:
             print(f"{tag}: training -> {run_dir}", flush=True)
-            record = train(cfg)
+            record = train(cfg, overwrite=True)  # this comparison's own directory, other settings
         else:
             print(f"{tag}: already done, reusing {run_dir}", flush=True)
         sp = "" if record["sparsity"] is None else f", sparsity {100 * record['sparsity']:.1f}%"

@@ -83,7 +83,7 @@ def run_or_reuse(cfg: RunConfig, tag: str = "") -> tuple[dict[str, Any], float |
         return record, None
     print(f"{tag}training -> {cfg.output_dir}", flush=True)
     start = time.perf_counter()
-    record = train(cfg)
+    record = train(cfg, overwrite=True)  # the point's own directory: other settings or unfinished
     return record, time.perf_counter() - start
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -301,12 +302,32 @@ def evaluate(model: nn.Module, tokenizer, spec, head: str, records: list[dict], 
 # -------------------------------------------------------------------------------------------------- run
 
 
-def train(cfg: RunConfig) -> dict[str, Any]:
-    """Run one fine-tuning, evaluate on the test (or val) split, write the run directory; return run.json's dict."""
+RUN_FILES = ("run.json", "log.jsonl", "ratios.npz", "run_config.json", "checkpoints", "adapter", "analysis")
+"""What a run (and ``tspeft analyze``) writes into a run directory: what a fresh run there replaces."""
+RESUME_MAY_CHANGE = ("resume", "output_dir", "logging_steps", "save_steps", "eval_batch_size")
+"""Settings a resumed run may give differently from the run it continues (none changes what is trained)."""
+
+
+def train(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
+    """Run one fine-tuning, evaluate on the test (or val) split, write the run directory; return run.json's dict.
+
+    A directory that holds a previous run is refused unless ``overwrite`` (then its files, listed in
+    ``RUN_FILES``, are removed once the new run is set up, never before) or ``cfg.resume`` (then the settings
+    must be the checkpoint's, and training continues from the newest whole checkpoint).
+    """
     from transformers import TrainingArguments
-    from transformers.trainer_utils import get_last_checkpoint
 
     run_dir = Path(cfg.output_dir)
+    previous = [n for n in RUN_FILES if (run_dir / n).exists()]
+    checkpoint = None
+    if cfg.resume:
+        checkpoint = _last_whole_checkpoint(run_dir / "checkpoints")
+        _check_resume_settings(run_dir, cfg)
+    elif previous and not overwrite:
+        raise FileExistsError(
+            f"{run_dir} holds a previous run ({', '.join(previous)}): pass --overwrite to replace it, --resume to "
+            "continue it, or choose another --output-dir"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     origin = provenance()  # the code that trains, taken before training (the tree may change meanwhile)
     data = _load_data(cfg)
@@ -314,13 +335,6 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     total_steps = max(1, math.ceil(steps_per_epoch * cfg.epochs))
     model, tokenizer, head = build_model(cfg, total_steps, data.spec)
     train_set = encode_examples(data.spec, data.train, tokenizer, max_length=cfg.max_length, head=head)
-    checkpoint = None
-    if cfg.resume:
-        checkpoint = get_last_checkpoint(str(run_dir / "checkpoints")) if (run_dir / "checkpoints").exists() else None
-        if checkpoint is None:
-            raise FileNotFoundError(f"--resume: no checkpoint under {run_dir / 'checkpoints'}")
-    elif (run_dir / "log.jsonl").exists():
-        (run_dir / "log.jsonl").unlink()  # a fresh run replaces an old log
     args = TrainingArguments(
         output_dir=str(run_dir / "checkpoints"), per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, num_train_epochs=cfg.epochs, learning_rate=cfg.lr,
@@ -336,6 +350,16 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         data_collator=lambda batch: collate(batch, tokenizer.pad_token_id),
         callbacks=_callbacks(run_dir, model, cfg.method),
     )
+    if trainer.is_world_process_zero():  # everything is set up: only now touch what the directory holds
+        if checkpoint is not None:
+            _truncate_log(run_dir / "log.jsonl", _checkpoint_step(checkpoint))
+        elif previous:
+            print(f"replacing the previous run in {run_dir} ({', '.join(previous)})", flush=True)
+            for name in previous:
+                path = run_dir / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        text = json.dumps(asdict(cfg), indent=2) + "\n"
+        atomic_write(run_dir / "run_config.json", lambda tmp: Path(tmp).write_text(text))
     trainer.train(resume_from_checkpoint=checkpoint)
     if not trainer.is_world_process_zero():
         return {}  # data parallel: rank 0 alone evaluates and writes the run directory
@@ -360,6 +384,47 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     text = json.dumps(record, indent=2) + "\n"
     atomic_write(run_dir / "run.json", lambda tmp: Path(tmp).write_text(text))
     return record
+
+
+def _last_whole_checkpoint(folder: Path) -> str:
+    """Return the newest checkpoint that was saved whole (its trainer_state.json, written last, exists)."""
+    found = sorted((p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()),
+                   key=lambda p: int(p.name[11:]), reverse=True) if folder.is_dir() else []
+    for path in found:
+        if (path / "trainer_state.json").is_file():
+            return str(path)
+        print(f"--resume: skipping {path}: incomplete (no trainer_state.json; killed while saving?)", flush=True)
+    raise FileNotFoundError(f"--resume: no whole checkpoint under {folder}")
+
+
+def _checkpoint_step(checkpoint: str) -> int:
+    return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"])
+
+
+def _check_resume_settings(run_dir: Path, cfg: RunConfig) -> None:
+    """Raise if `cfg` trains something else than the run being resumed (its run_config.json, or run.json)."""
+    saved = None
+    if (run_dir / "run_config.json").is_file():
+        saved = json.loads((run_dir / "run_config.json").read_text())
+    elif (run_dir / "run.json").is_file():
+        saved = json.loads((run_dir / "run.json").read_text()).get("config")
+    if saved is None:
+        return  # a run from before run_config.json existed, killed before its run.json: nothing to compare
+    now = asdict(cfg)
+    changed = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in now if k not in RESUME_MAY_CHANGE and saved.get(k) != now[k]]
+    if changed:
+        raise ValueError(
+            f"--resume: these settings differ from the run in {run_dir}: {'; '.join(changed)}. Resume with the "
+            "run's own settings, or start a new run (--overwrite, or another --output-dir)."
+        )
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep the log lines up to the checkpoint's step: the resumed run logs the later steps again."""
+    if not path.is_file():
+        return
+    lines = [x for x in path.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= step]
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(x + "\n" for x in lines)))
 
 
 def _load_data(cfg: RunConfig):
@@ -419,6 +484,8 @@ def evaluate_saved(run_dir: str | Path) -> dict[str, Any]:
     if not meta_path.exists():
         raise FileNotFoundError(f"{meta_path} not found: pass a run directory written by 'tspeft train'")
     meta = json.loads(meta_path.read_text())
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise ValueError(f"{meta_path} has no run settings ('config'): it was not written by 'tspeft train'")
     cfg = RunConfig.from_dict(meta["config"])
     data = _load_data(cfg)
     torch.manual_seed(cfg.seed)  # weights missing from the checkpoint (e.g. a pooler) are initialised alike
