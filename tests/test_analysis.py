@@ -376,7 +376,7 @@ def test_selection_command_and_config(run) -> None:
     assert cmd == f"tspeft train --task boolq --target-modules {','.join(sel.modules)}"
     half = select_modules(run, "half_rank", 0.5)
     cmd = selection_command(half, "tspeft train")
-    assert f"--rank-pattern {rel(0, 'q_proj')}=4," in cmd
+    assert f"--rank-pattern {rel(0, 'q_proj')}=4 {rel(0, 'k_proj')}=" in cmd  # one KEY=VALUE argument each
     with pytest.raises(ValueError, match="already has --target-modules"):
         selection_command(sel, "tspeft train --target-modules q_proj")
     config = selection_config(half)
@@ -514,3 +514,10 @@ def test_report_renders_in_headless_chromium(report: Path, tmp_path: Path) -> No
     assert result.returncode == 0, result.stderr[-2000:]
     assert "TS-PEFT analysis report" in result.stdout
     assert "Uncaught" not in result.stderr
+
+
+def test_half_rank_is_refused_for_methods_without_per_module_ranks(run) -> None:
+    import dataclasses
+
+    with pytest.raises(ValueError, match="only LoRA and DoRA"):
+        select_modules(dataclasses.replace(run, meta={**run.meta, "method": "adalora"}), "half_rank", 0.5)

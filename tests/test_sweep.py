@@ -40,7 +40,7 @@ def source_run(tiny_model_dir, tmp_path_factory):
     return out
 
 
-def _refuse(cfg):
+def _refuse(cfg, overwrite=False):
     raise AssertionError(f"train() called for {cfg.output_dir}: the sweep should have reused it")
 
 
@@ -155,7 +155,7 @@ TYPES = ("attention.self.query", "attention.self.key", "attention.self.value", "
 ALL_MODULES = [f"bert.encoder.layer.{layer}.{t}" for layer in range(2) for t in TYPES]
 
 
-def fake_train(cfg: RunConfig) -> dict:
+def fake_train(cfg: RunConfig, overwrite: bool = False) -> dict:
     """Write a synthetic run directory (run.json, log.jsonl) for cfg and return its record."""
     settings = dataclasses.asdict(cfg)
     digest = int(hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest(), 16)
@@ -185,7 +185,7 @@ def fake_train(cfg: RunConfig) -> dict:
 
 def test_reproduce_plans_resumes_and_writes_the_report(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(sweep_module, "train", lambda cfg: calls.append(cfg.output_dir) or fake_train(cfg))
+    monkeypatch.setattr(sweep_module, "train", lambda cfg, overwrite=False: calls.append(cfg.output_dir) or fake_train(cfg))
     report = tmp_path / "docs" / "results.md"
     args = ["--smoke", "--runs", str(tmp_path / "runs"), "--output", str(report), "--device", "cpu"]
     assert reproduce.main(args) == 0
@@ -229,7 +229,7 @@ def test_reproduce_plans_resumes_and_writes_the_report(tmp_path, monkeypatch):
 
 def test_reproduce_shards_share_the_runs(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(sweep_module, "train", lambda cfg: calls.append(cfg.output_dir) or fake_train(cfg))
+    monkeypatch.setattr(sweep_module, "train", lambda cfg, overwrite=False: calls.append(cfg.output_dir) or fake_train(cfg))
     base = ["--smoke", "--runs", str(tmp_path / "runs"), "--output", str(tmp_path / "results.md"),
             "--methods", "lora", "--parts", "tables", "table4", "--wait", "0"]
     done = set()

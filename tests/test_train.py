@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 
 import peft
@@ -135,6 +136,17 @@ def test_cli_compare_train_eval_analyze(tiny_model_dir, tmp_path, monkeypatch, c
     assert (ts_dir / "analysis" / "sparsity_heatmap.png").stat().st_size > 0
     assert main(["select", str(ts_dir), "--strategy", "s_low", "--fraction", "0.5"]) == 0
     assert "--target-modules" in capsys.readouterr().out
+    # the printed command runs, and trains with the source run's settings
+    assert main(["select", str(ts_dir), "--strategy", "half_rank", "--fraction", "0.5"]) == 0
+    command = capsys.readouterr().out.split("command:\n", 1)[1].strip()
+    args = shlex.split(command)
+    assert args[:2] == ["tspeft", "train"] and "--dense" in args and "--rank-pattern" in args
+    assert main([*args[1:], "--output-dir", str(tmp_path / "half")]) == 0
+    source = json.loads((ts_dir / "run.json").read_text())["config"]
+    made = json.loads((tmp_path / "half" / "run.json").read_text())["config"]
+    differ = {k for k in source if source[k] != made[k]}
+    assert differ == {"selective", "output_dir", "target_modules", "rank_pattern"}, differ
+    assert made["rank_pattern"] and set(made["rank_pattern"].values()) <= {1, 2, 3, 4}
 
 
 def test_llava_vision_language_step_reports_sparsity():

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import sys
 import typing
 from pathlib import Path
@@ -89,12 +90,45 @@ def _run_overrides(ns: argparse.Namespace) -> dict[str, Any]:
             continue
         if f.name == "rank_pattern":
             value = _pairs(value, int)
-        elif f.name == "data_files":
-            value = _pairs(value)
+        elif f.name == "data_files":  # absolute: eval and analysis may run from another directory
+            value = {k: os.path.abspath(v) for k, v in _pairs(value).items()}
         elif f.name in ("max_train", "max_test") and value == 0:
             value = None
         out[f.name] = value
     return out
+
+
+def train_command(config: dict[str, Any], skip: tuple[str, ...] = ()) -> list[str]:
+    """Return the ``tspeft train`` arguments that rebuild a run's settings (run.json's ``config``).
+
+    Every setting that differs from what ``tspeft train`` would use for that task and method (recipe
+    small over RunConfig's defaults) becomes a flag, so that the command trains what the run trained;
+    `skip` leaves fields out (the caller supplies them).
+    """
+    from .train import RunConfig
+
+    task, method = config.get("task"), config.get("method")
+    reference = dataclasses.asdict(RunConfig.from_dict({**load_recipe("small", task=task, method=method),
+                                                        "task": task, "method": method}))
+    args: list[str] = ["tspeft", "train"]
+    for f in dataclasses.fields(RunConfig):
+        name, value = f.name, config.get(f.name, reference[f.name])
+        if name in skip or name in ("extra", "resume") or (value == reference[name] and name not in ("task", "method")):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if name == "selective":
+            args.append("--selective" if value else "--dense")
+        elif isinstance(value, bool):
+            args.append(flag if value else "--no-" + flag[2:])
+        elif name in ("max_train", "max_test") and value is None:
+            args += [flag, "0"]
+        elif name == "target_modules":
+            args += [flag, ",".join(value)]
+        elif name in ("rank_pattern", "data_files"):
+            args += [flag, *(f"{k}={v}" for k, v in value.items())]
+        elif value is not None:
+            args += [flag, str(value)]
+    return args
 
 
 def _run_config(ns: argparse.Namespace, **fixed: Any):
@@ -195,8 +229,10 @@ def cmd_select(ns: argparse.Namespace) -> int:
         print(f"  {m}")
     if sel.note:
         print(sel.note)
-    base = f"tspeft train --task {run.task} --model {run.meta.get('model', 'minilm')} --method {run.method} --dense"
-    print("\ncommand:\n  " + selection_command(sel, base))
+    config = run.config or {"task": run.task, "model": run.meta.get("model", "minilm"), "method": run.method}
+    args = train_command({**config, "selective": False, "output_dir": f"runs/{sel.strategy}"},
+                         skip=("target_modules", "rank_pattern"))
+    print("\ncommand:\n  " + selection_command(sel, " ".join(shlex.quote(a) for a in args)))
     if ns.json:
         Path(ns.json).write_text(json.dumps(selection_config(sel), indent=2) + "\n")
         print(f"config written to {ns.json}")

@@ -34,13 +34,12 @@ from .analysis import (
     table4_grid,
 )
 from .analysis.runs import strip_prefix
-from .analysis.select import natural_order
+from .analysis.select import RANK_PATTERN_METHODS, natural_order
 from .io import atomic_write
 from .train import RunConfig, train
 
 FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 RANDOM_DRAWS = 3  # the paper's random_50% is "averaged over three runs"
-RANK_PATTERN_METHODS = ("lora", "dora")  # half_rank needs per-module ranks, which only LoraConfig takes
 
 
 @dataclass

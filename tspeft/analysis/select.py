@@ -14,6 +14,7 @@ import numpy as np
 
 from .runs import ModuleStats, Run, parse_module_name, strip_prefix, type_sort_key
 
+RANK_PATTERN_METHODS = ("lora", "dora")  # half_rank needs per-module ranks, which only LoraConfig takes
 STRATEGIES = ("s_low", "s_high", "norm_relative", "norm_abs", "random", "half_rank")
 
 
@@ -75,9 +76,8 @@ def selection_command(selection: Selection, base_command: str) -> str:
         if flag in shlex.split(base_command):
             raise ValueError(f"base_command already has {flag}; remove it, the selection supplies it")
     parts = [base_command.rstrip(), "--target-modules", shlex.quote(",".join(selection.modules))]
-    if selection.rank_pattern is not None:
-        pattern = ",".join(f"{k}={v}" for k, v in selection.rank_pattern.items())
-        parts += ["--rank-pattern", shlex.quote(pattern)]
+    if selection.rank_pattern is not None:  # one KEY=VALUE argument per module, as the flag reads them
+        parts += ["--rank-pattern", *(shlex.quote(f"{k}={v}") for k, v in selection.rank_pattern.items())]
     return " ".join(parts)
 
 
@@ -132,6 +132,11 @@ _ORDERINGS: dict[str, Callable[[Run, list[str]], list[str]]] = {
 
 def _half_rank(run: Run, names: list[str], fraction: float) -> Selection:
     """All modules with integer ranks scaled so the trainable parameters total ``fraction`` of the run's."""
+    if run.method not in RANK_PATTERN_METHODS:
+        raise ValueError(
+            f"half_rank needs per-module ranks, which only LoRA and DoRA take (peft's rank_pattern); "
+            f"{run.name} is a {run.method} run"
+        )
     base = {n: _base_rank(run, n) for n in names}
     per_rank = {n: run.modules[n].params / base[n] for n in names}  # LoRA: d_in + d_out per unit of rank
     budget = fraction * sum(run.modules[n].params for n in names)
@@ -156,14 +161,7 @@ def _half_rank(run: Run, names: list[str], fraction: float) -> Selection:
 
 def _base_rank(run: Run, name: str) -> int:
     stats: ModuleStats = run.modules[name]
-    config = run.config
-    # AdaLoRA's trainable parameters are sized by its initial rank; its "rank" is what survived pruning.
-    candidates = (
-        (config.get("init_r"), config.get("rank"))
-        if run.method == "adalora"
-        else (stats.rank, config.get("rank"))
-    )
-    for value in candidates:
+    for value in (stats.rank, run.config.get("rank")):
         if value:
             if stats.params <= 0:
                 raise ValueError(
