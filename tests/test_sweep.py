@@ -18,6 +18,7 @@ from tspeft.verdicts import (
     NOT,
     PARTLY,
     REPRODUCED,
+    UNTESTED,
     Verdict,
     choose_setting,
     combine,
@@ -133,6 +134,11 @@ def test_verdict_rules_on_synthetic_numbers():
     assert combine([Verdict(REPRODUCED, ""), Verdict(REPRODUCED, "")]) == REPRODUCED
     assert combine([Verdict(REPRODUCED, ""), Verdict(NOT, "")]) == PARTLY
     assert combine([Verdict(NOT, ""), Verdict(NOT, "")]) == NOT
+    # a claim whose runs are not in the plan (e.g. --methods lora: no DoRA) is not tested, not refuted
+    assert judge_polarization({"lora": 9.8}).label == UNTESTED
+    assert judge_curve({1.0: [85.0]}).label == UNTESTED
+    assert combine([Verdict(UNTESTED, ""), Verdict(REPRODUCED, "")]) == REPRODUCED
+    assert combine([Verdict(UNTESTED, "")]) == combine([]) == UNTESTED
 
 
 def test_choose_setting_and_threshold_summary():
@@ -201,7 +207,7 @@ def test_reproduce_plans_resumes_and_writes_the_report(tmp_path, monkeypatch):
         assert heading in text
     summary = json.loads((tmp_path / "docs" / "results" / "results.json").read_text())
     assert len(summary["verdicts"]) == 5
-    assert {v["verdict"] for v in summary["verdicts"]} <= {REPRODUCED, PARTLY, NOT}
+    assert {v["verdict"] for v in summary["verdicts"]} <= {REPRODUCED, PARTLY, NOT, UNTESTED}
     assert {Path(p).name for p in summary["figures"].values()} >= {"figure2.png", "ablation_sst2.png",
                                                                     "table5_lora.png", "table5_dora.png"}
     assert all(Path(p).stat().st_size > 0 for p in summary["figures"].values())

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 REPRODUCED, PARTLY, NOT = "reproduced", "partly", "not reproduced"
+UNTESTED = "not tested"  # what the claim needs did not run (e.g. --methods without dora): no verdict either way
 METHOD_NAMES = {"lora": "LoRA", "dora": "DoRA", "adalora": "AdaLoRA", "adapter": "Adapter"}
 
 # Verdict rules (points are accuracy points, sparsity in percent). See the judge_* functions.
@@ -56,7 +57,7 @@ def judge_selection(scores: dict[str, Sequence[float]], dense_all: float | None 
     """Return the verdict on "S_low beats S_high and the other selections at the same budget" (Table 4)."""
     means = {k: float(np.mean(v)) for k, v in scores.items() if len(v)}
     if "s_low" not in means or "s_high" not in means:
-        return Verdict(NOT, "S_low or S_high missing")
+        return Verdict(UNTESTED, "S_low or S_high missing")
     low = means["s_low"]
     others = {k: v for k, v in means.items() if k != "s_low"}
     best_name = max(others, key=others.__getitem__)
@@ -76,7 +77,7 @@ def judge_curve(points: dict[float, Sequence[float]]) -> Verdict:
     """Return the verdict on "adding the sparsest modules hurts: the score peaks below 100%" (Figure 2)."""
     means = {f: float(np.mean(v)) for f, v in sorted(points.items()) if len(v)}
     if len(means) < 2:
-        return Verdict(NOT, "fewer than two fractions")
+        return Verdict(UNTESTED, "fewer than two fractions")
     top = max(means.values())
     peak = min(f for f, v in means.items() if v == top)
     full = max(means)
@@ -115,7 +116,7 @@ def judge_polarization(stds: dict[str, float]) -> Verdict:
     """Return the verdict on "TS-DoRA's module sparsity is far more polarized than TS-LoRA's/TS-AdaLoRA's"."""
     others = {k: v for k, v in stds.items() if k in ("lora", "adalora")}
     if "dora" not in stds or not others:
-        return Verdict(NOT, "TS-DoRA and TS-LoRA/TS-AdaLoRA needed")
+        return Verdict(UNTESTED, "TS-DoRA and TS-LoRA/TS-AdaLoRA needed")
     ratio = stds["dora"] / max(max(others.values()), 1e-12)
     why = "std over modules: " + ", ".join(f"{METHOD_NAMES[k]} {v:.1f}" for k, v in stds.items())
     why += f"; DoRA / max(others) = {ratio:.1f}"
@@ -127,10 +128,11 @@ def judge_polarization(stds: dict[str, float]) -> Verdict:
 
 
 def combine(verdicts: Iterable[Verdict]) -> str:
-    """Return one label for a claim judged in several cells: all reproduced, none at all, or partly."""
-    labels = [v.label for v in verdicts]
+    """Return one label for a claim judged in several cells: all reproduced, none at all, or partly (cells
+    not tested do not count; with none tested, "not tested")."""
+    labels = [v.label for v in verdicts if v.label != UNTESTED]
     if not labels:
-        return NOT
+        return UNTESTED
     if all(label == REPRODUCED for label in labels):
         return REPRODUCED
     if all(label == NOT for label in labels):
