@@ -179,3 +179,11 @@ def test_llava_vision_language_step_reports_sparsity():
     stats = tspeft.module_stats(model)
     assert all(v["tokens"] == 3 * int(mask.sum()) for v in stats.values())  # padding excluded
     assert 0.0 <= tspeft.overall_sparsity(model) < 1.0
+
+
+def test_compare_checks_every_run_before_training_any(tmp_path, monkeypatch, capsys):
+    import tspeft.compare
+
+    monkeypatch.setattr(tspeft.compare, "train", lambda *a, **k: pytest.fail("trained before checking the plan"))
+    assert main(["compare", "--methods", "lora", "dorra", "--seeds", "0", "--output", str(tmp_path)]) == 2
+    assert "unknown method 'dorra'" in capsys.readouterr().err

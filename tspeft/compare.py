@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
 from .io import atomic_write
 from .recipes import load_recipe
+from .sweep import cached_record
 from .train import RunConfig, train
 
 RECORD_KEYS = ("task", "model", "method", "selective", "seed", "metric", "score", "sparsity")
@@ -17,15 +17,6 @@ RECORD_KEYS = ("task", "model", "method", "selective", "seed", "metric", "score"
 def run_dir_name(method: str, selective: bool, seed: int) -> str:
     """Return the sub-directory name of one run of a comparison."""
     return f"{method}-{'ts' if selective else 'dense'}-seed{seed}"
-
-
-def _cached(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
-    """Return a finished run's record if its settings equal `cfg` (so a comparison can resume)."""
-    path = run_dir / "run.json"
-    if not path.exists():
-        return None
-    record = json.loads(path.read_text())
-    return record if record.get("config") == dataclasses.asdict(cfg) else None
 
 
 def compare(
@@ -42,12 +33,15 @@ def compare(
     overrides = dict(overrides or {})
     records = []
     plan = [(m, sel, seed) for m in methods for sel in (False, True) for seed in seeds]
-    for i, (method, selective, seed) in enumerate(plan, start=1):
+    configs = []  # every run's settings first: a bad method or value fails before anything trains
+    for method, selective, seed in plan:
         run_dir = output / run_dir_name(method, selective, seed)
         settings = {**load_recipe(recipe, task=base.task, method=method), **overrides,
                     "method": method, "selective": selective, "seed": seed, "output_dir": str(run_dir)}
-        cfg = RunConfig.from_dict(settings)
-        record = _cached(run_dir, cfg)
+        configs.append(RunConfig.from_dict(settings))
+    for i, cfg in enumerate(configs, start=1):
+        run_dir, seed = Path(cfg.output_dir), cfg.seed
+        record = cached_record(cfg)
         tag = f"[{i}/{len(plan)}] {cfg.label} seed {seed}"
         if record is None:
             print(f"{tag}: training -> {run_dir}", flush=True)
