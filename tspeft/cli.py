@@ -43,17 +43,26 @@ def _is_optional(tp) -> bool:
     return type(None) in typing.get_args(tp)
 
 
-def _add_run_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+def _add_run_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (), source_run: bool = False) -> None:
+    """Add a flag per RunConfig field; its help shows the value a run gets without it: the default recipe's
+    (small, which --recipe and the task and method may change) or, with `source_run`, the source run's."""
     from .train import RunConfig
 
     hints = typing.get_type_hints(RunConfig)
+    recipe = load_recipe("small")
     for f in dataclasses.fields(RunConfig):
         if f.name in skip or f.name == "extra":
             continue
         flag = "--" + f.name.replace("_", "-")
         tp = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else None
-        help_text = _HELP.get(f.name, "") + f" (default: {default})"
+        if source_run:
+            shown = "the source run's"
+        elif f.name in recipe and recipe[f.name] != default:
+            shown = f"{recipe[f.name]} from recipe small"
+        else:
+            shown = default
+        help_text = _HELP.get(f.name, "") + f" (default: {shown})"
         if f.name == "selective":
             parser.add_argument("--selective", dest="selective", action="store_true", default=None, help=help_text)
             parser.add_argument("--dense", dest="selective", action="store_false", help="the dense PEFT method")
@@ -322,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Figure 2 fractions (default: 0.1 ... 1.0; none to skip)")
     p.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds per point (random uses 3 draws)")
-    _add_run_flags(p, skip=("selective", "output_dir", "target_modules", "rank_pattern", "seed", "task", "model"))
+    _add_run_flags(p, skip=("selective", "output_dir", "target_modules", "rank_pattern", "seed", "task", "model",
+                            "resume", "lam", "s", "rule"), source_run=True)  # the points are dense, fresh runs
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("report", help=cmd_report.__doc__, description=cmd_report.__doc__, formatter_class=fmt)
