@@ -107,7 +107,7 @@ def test_eval_of_a_foreign_run_json_is_a_clear_error(tmp_path, capsys):
     assert "not written by 'tspeft train'" in capsys.readouterr().err
 
 
-def test_cli_errors_name_the_known_choices(capsys):
+def test_cli_errors_name_the_known_choices(capsys, tmp_path):
     assert main(["train", "--task", "nope"]) == 2
     assert "known" in capsys.readouterr().err
     assert main(["train", "--method", "ia3"]) == 2
@@ -117,6 +117,8 @@ def test_cli_errors_name_the_known_choices(capsys):
     assert main(["eval", "/nonexistent/run"]) == 2
     assert main(["train", "--lam", "-1"]) == 2
     assert "lam" in capsys.readouterr().err
+    assert main(["train", "--method", "adalora", "--max-train", "16", "--epochs", "1", "--output-dir", str(tmp_path)]) == 2
+    assert "AdaLoRA needs at least 3 optimizer steps" in capsys.readouterr().err
 
 
 def test_cli_compare_train_eval_analyze(tiny_model_dir, tmp_path, monkeypatch, capsys):

@@ -135,6 +135,11 @@ def build_model(cfg: RunConfig, total_steps: int, spec) -> tuple[nn.Module, Any,
         model = add_parallel_adapter(base, targets, hidden=cfg.adapter_hidden, scale=cfg.alpha / cfg.rank,
                                      dropout=cfg.dropout, modules_to_save=head_modules)
     elif cfg.method == "adalora":
+        if total_steps < 3:  # peft needs tinit (>= 1) < total_step - tfinal (>= 1): a budgeting phase
+            raise ValueError(
+                f"AdaLoRA needs at least 3 optimizer steps (warm-up, rank budgeting, final phase); this run has "
+                f"{total_steps}: raise --max-train or --epochs, or lower --batch-size or --grad-accum"
+            )
         model = get_peft_model(base, AdaLoraConfig(
             init_r=cfg.init_rank or 2 * cfg.rank, target_r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
             target_modules=targets, total_step=total_steps, tinit=max(1, total_steps // 10),
