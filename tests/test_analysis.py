@@ -521,3 +521,12 @@ def test_half_rank_is_refused_for_methods_without_per_module_ranks(run) -> None:
 
     with pytest.raises(ValueError, match="only LoRA and DoRA"):
         select_modules(dataclasses.replace(run, meta={**run.meta, "method": "adalora"}), "half_rank", 0.5)
+
+
+def test_report_counts_a_run_once_and_warns_when_a_cell_pools_different_settings(tmp_path: Path) -> None:
+    a = write_run(tmp_path / "a", synthetic_meta(seed=0, score=80.0))
+    b = write_run(tmp_path / "b", synthetic_meta(seed=1, score=70.0, rank=4))
+    md = (write_report([a, a], tmp_path / "once").parent / "report.md").read_text()
+    assert md.count("| a |") == 1 and "Warning" not in md
+    md = (write_report([a, b], tmp_path / "two").parent / "report.md").read_text()
+    assert "Warning: TS-LoRA on boolq pools runs whose settings differ in rank" in md

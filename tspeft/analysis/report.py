@@ -98,7 +98,7 @@ def _collect(run_dirs: Iterable[str | Path]) -> tuple[list[Run], list[tuple[Path
                 f"{d} is not a directory; pass run directories (with run.json) or their parent"
             )
         found = [d] if (d / "run.json").is_file() else sorted(p.parent for p in d.glob("*/run.json"))
-        runs += [load_run(p) for p in found]
+        runs += [load_run(p) for p in found if p.resolve() not in {r.path.resolve() for r in runs if r.path}]
         if (d / "sweep.json").is_file():
             sweeps.append((d, _read_sweep(d / "sweep.json")))
         elif not found:
@@ -130,8 +130,25 @@ def _overview(runs: list[Run]) -> list[Block]:
         Block("grid", grid=Grid(header, rows, notes=["Sparsity: overall, on the test set."])),
     ]
     if any(n > 1 for n in Counter(r.task for r in runs).values()):
-        blocks += [Block("h2", "Comparison"), Block("grid", grid=compare_grid([r.record() for r in runs]))]
+        grid = compare_grid([r.record() for r in runs])
+        grid.notes.extend(_pooling_notes(runs))
+        blocks += [Block("h2", "Comparison"), Block("grid", grid=grid)]
     return blocks
+
+
+def _pooling_notes(runs: list[Run]) -> list[str]:
+    """Return a warning per comparison cell whose runs differ in more than their seed (not like with like)."""
+    cells: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for run in runs:
+        key = (run.task, str(run.meta.get("model")), run.label)
+        cells.setdefault(key, []).append({k: v for k, v in run.config.items() if k not in ("seed", "output_dir", "resume")})
+    notes = []
+    for (task, _, label), configs in cells.items():
+        differ = sorted({k for c in configs for k in c if any(c.get(k) != o.get(k) for o in configs)})
+        if differ:
+            notes.append(f"Warning: {label} on {task} pools runs whose settings differ in {', '.join(differ)}, "
+                         "not only in the seed: compare like with like.")
+    return notes
 
 
 def _run_section(run: Run, out: Path, stem: str) -> list[Block]:
