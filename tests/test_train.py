@@ -189,3 +189,21 @@ def test_compare_checks_every_run_before_training_any(tmp_path, monkeypatch, cap
     monkeypatch.setattr(tspeft.compare, "train", lambda *a, **k: pytest.fail("trained before checking the plan"))
     assert main(["compare", "--methods", "lora", "dorra", "--seeds", "0", "--output", str(tmp_path)]) == 2
     assert "unknown method 'dorra'" in capsys.readouterr().err
+
+
+def test_cli_local_csv_with_its_own_columns_from_a_relative_path(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TSPEFT_QUIET", "1")
+    data = tmp_path / "work"
+    data.mkdir()
+    rows = ["review,stars"] + [f"{'good fine great' if i % 2 else 'bad awful poor'} {i},{i % 2}" for i in range(40)]
+    (data / "reviews.csv").write_text("\n".join(rows) + "\n")
+    monkeypatch.chdir(data)
+    common = ["--model", tiny_model_dir, "--task", "local", "--data-files", "train=reviews.csv", "--epochs", "1",
+              "--batch-size", "8", "--max-length", "16", "--output-dir", str(tmp_path / "run")]
+    assert main(["train", *common, "--dense"]) == 2
+    assert "--text-fields" in capsys.readouterr().err  # no sentence/text column: the flag that fixes it
+    assert main(["train", *common, "--text-fields", "review", "--label-field", "stars"]) == 0
+    config = json.loads((tmp_path / "run" / "run.json").read_text())["config"]
+    assert config["data_files"] == {"train": str(data / "reviews.csv")}  # absolute: eval works from elsewhere
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", str(tmp_path / "run")]) == 0

@@ -33,6 +33,8 @@ _HELP = {
     "target_modules": "explicit module names (suffixes), overriding --targets",
     "rank_pattern": "per-module ranks as name=r (LoRA/DoRA)",
     "data_files": "for --task local: train=path test=path (CSV or JSONL)",
+    "text_fields": "for --task local: the text column(s), one or two",
+    "label_field": "for --task local: the label column",
     "max_train": "cap on training examples after the seeded shuffle (0 = no cap)",
     "max_test": "cap on test examples after the seeded shuffle (0 = no cap)",
     "resume": "continue from the newest whole checkpoint in the output directory (with the run's own settings)",
@@ -72,6 +74,8 @@ def _add_run_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (), 
             parser.add_argument(flag, default=None, help=help_text, type=lambda v: [x for x in v.split(",") if x])
         elif f.name in ("rank_pattern", "data_files"):
             parser.add_argument(flag, nargs="+", default=None, metavar="KEY=VALUE", help=help_text)
+        elif f.name == "text_fields":
+            parser.add_argument(flag, nargs="+", default=None, metavar="COLUMN", help=help_text)
         else:
             base = [a for a in typing.get_args(tp) if a is not type(None)][0] if _is_optional(tp) else tp
             parser.add_argument(flag, type=base, default=None, help=help_text)
@@ -135,6 +139,8 @@ def train_command(config: dict[str, Any], skip: tuple[str, ...] = ()) -> list[st
             args += [flag, ",".join(value)]
         elif name in ("rank_pattern", "data_files"):
             args += [flag, *(f"{k}={v}" for k, v in value.items())]
+        elif name == "text_fields":
+            args += [flag, *value]
         elif value is not None:
             args += [flag, str(value)]
     return args

@@ -71,7 +71,11 @@ def cached_record(cfg: RunConfig) -> dict[str, Any] | None:
         record = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None  # an unreadable result counts as unfinished: train again
-    return record if record.get("config") == dataclasses.asdict(cfg) else None
+    try:  # through RunConfig: a run saved before a setting existed has that setting's default
+        saved = dataclasses.asdict(RunConfig.from_dict(record.get("config") or {}))
+    except (TypeError, ValueError):
+        return None
+    return record if saved == dataclasses.asdict(cfg) else None
 
 
 def run_or_reuse(cfg: RunConfig, tag: str = "") -> tuple[dict[str, Any], float | None]:

@@ -69,6 +69,8 @@ class RunConfig:
     split_seed: int = 0
     source: str = "auto"
     data_files: dict[str, str] | None = None
+    text_fields: list[str] | None = None  # --task local: the text column(s) (default: sentence1+sentence2, sentence or text)
+    label_field: str | None = None  # --task local: the label column (default: label)
     logging_steps: int = 10
     save_steps: int = 50
     eval_batch_size: int = 64
@@ -435,7 +437,8 @@ def _truncate_log(path: Path, step: int) -> None:
 def _load_data(cfg: RunConfig):
     """Return the run's TaskData (train/val/test), split as the config says."""
     return load_task(cfg.task, seed=cfg.split_seed, test_fraction=cfg.test_fraction, val_fraction=cfg.val_fraction,
-                     max_train=cfg.max_train, max_test=cfg.max_test, source=cfg.source, data_files=cfg.data_files)
+                     max_train=cfg.max_train, max_test=cfg.max_test, source=cfg.source, data_files=cfg.data_files,
+                     text_fields=cfg.text_fields, label_field=cfg.label_field)
 
 
 def _eval_records(data, cfg: RunConfig) -> list[dict]:

@@ -340,8 +340,8 @@ def _default_text_fields(columns: list[str], path: Path) -> tuple[str, ...]:
     for candidate in (("sentence1", "sentence2"), ("sentence",), ("text",)):
         if all(c in columns for c in candidate):
             return candidate
-    raise ValueError(f"{path}: cannot guess the text column(s); pass text_fields=(...) from the columns "
-                     f"that exist: {columns}")
+    raise ValueError(f"{path}: cannot guess the text column(s); pass text_fields=(...) (--text-fields on the "
+                     f"command line) from the columns that exist: {columns}")
 
 
 def _check_columns(path: Path, columns: list[str], needed: Sequence[str], what: str) -> None:
