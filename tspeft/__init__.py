@@ -35,12 +35,22 @@ from .stats import (
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    if name == "TSTrainer":  # imports transformers' Trainer: only when asked for
+        from .trainer import TSTrainer
+
+        return TSTrainer
+    raise AttributeError(f"module 'tspeft' has no attribute {name!r}")
+
+
 __all__ = [
     "ParallelAdapter",
     "TSConfig",
     "all_reduce_stats",
     "checkpoint_context_fn",
     "TSOptimizer",
+    "TSTrainer",
     "adapter_parameters",
     "add_parallel_adapter",
     "attach_grad_scaler",

@@ -24,9 +24,8 @@ from .config import TSConfig
 from .data import collate, compute_metrics, encode_examples, load_task, score_choices
 from .io import atomic_write
 from .model import checkpoint_context_fn, enable, is_enabled
-from .optim import adapter_parameters, attach_grad_scaler, optimizer, report_skipped_updates
 from .provenance import provenance
-from .stats import all_reduce_stats, module_stats, overall_sparsity, reset_stats
+from .stats import module_stats, overall_sparsity, reset_stats
 
 METHODS = ("lora", "dora", "adalora", "adapter")
 EVAL_SPLITS = ("test", "val")
@@ -183,51 +182,15 @@ def _has_module(model: nn.Module, suffix: str) -> bool:
 # ---------------------------------------------------------------------------------------------- trainer
 
 
-def _trainer_class():
-    from transformers import Trainer
-
-    class TSTrainer(Trainer):
-        """Trainer with tspeft's optimizer, threshold-free clipping and threshold-aware checkpoints."""
-
-        def create_optimizer(self, model=None):
-            model = model if model is not None else self.model
-            if self.optimizer is None and is_enabled(model):
-                self.optimizer = optimizer(model, lr=self.args.learning_rate, weight_decay=self.args.weight_decay,
-                                           betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon)
-                scaler = getattr(self.accelerator, "scaler", None)
-                if scaler is not None:
-                    attach_grad_scaler(model, scaler)
-            return super().create_optimizer(model) if self.optimizer is None else self.optimizer
-
-        def _clip_grad_norm(self, model):
-            params = adapter_parameters(_unwrap(model))  # thresholds stay out of clipping (see clip_grad_norm_)
-            return self.accelerator.clip_grad_norm_(params, self.args.max_grad_norm)
-
-        def _get_grad_norm(self, model, grad_norm=None):
-            if grad_norm is None:
-                grad_norm = self.accelerator.clip_grad_norm_(adapter_parameters(_unwrap(model)), float("inf"))
-            return grad_norm
-
-        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-            super()._load_from_checkpoint(resume_from_checkpoint, model)
-            target = _unwrap(model if model is not None else self.model)
-            if is_enabled(target):
-                from .io import load_ts_state
-
-                load_ts_state(target, resume_from_checkpoint)
-
-    return TSTrainer
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)
-
-
-def _callbacks(run_dir: Path, model: nn.Module, method: str):
+def _callbacks(run_dir: Path, model: nn.Module):
     from transformers import TrainerCallback
 
     class RunLog(TrainerCallback):
-        """Appends one JSON line per logging step; stops the run on a non-finite loss."""
+        """Appends one JSON line per logging step; stops the run on a non-finite loss.
+
+        TSTrainer.log has summed the statistics over ranks and put ts_sparsity / ts_threshold_mean in the
+        logs; it resets them once the callbacks have run.
+        """
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
@@ -240,35 +203,17 @@ def _callbacks(run_dir: Path, model: nn.Module, method: str):
                 )
             record = {"step": state.global_step, "epoch": state.epoch, "loss": logs["loss"],
                       "lr": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
-                      "threshold_mean": None, "sparsity": None, "modules": {}}
+                      "threshold_mean": logs.get("ts_threshold_mean"), "sparsity": logs.get("ts_sparsity"),
+                      "modules": {}}
             if is_enabled(model):
-                report_skipped_updates(model)  # threshold updates skipped for a non-finite g_k (read here on CUDA)
-                all_reduce_stats(model)  # data parallel: every rank's tokens (a collective: on every rank)
-                stats = module_stats(model)
-                taus = [v["threshold"] for v in stats.values()]
-                record["threshold_mean"] = sum(taus) / len(taus)
-                record["sparsity"] = overall_sparsity(model)
-                record["modules"] = {n: {"threshold": v["threshold"], "sparsity": v["sparsity"]} for n, v in stats.items()}
-                reset_stats(model)  # each line reports the tokens since the previous one
+                record["modules"] = {n: {"threshold": v["threshold"], "sparsity": v["sparsity"]}
+                                     for n, v in module_stats(model).items()}
             if not state.is_world_process_zero:
                 return  # data parallel: one writer
             with open(run_dir / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    class AdaLoraAllocation(TrainerCallback):
-        """Calls AdaLoRA's update_and_allocate after every optimizer step, before gradients are zeroed."""
-
-        def __init__(self):
-            self.calls = 0
-
-        def on_optimizer_step(self, args, state, control, **kwargs):
-            model.base_model.update_and_allocate(state.global_step)
-            self.calls += 1
-
-    callbacks = [RunLog()]
-    if method == "adalora":
-        callbacks.append(AdaLoraAllocation())
-    return callbacks
+    return [RunLog()]
 
 
 # -------------------------------------------------------------------------------------------- evaluation
@@ -324,6 +269,8 @@ def train(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
     """
     from transformers import TrainingArguments
 
+    from .trainer import TSTrainer, unwrap
+
     run_dir = Path(cfg.output_dir)
     previous = [n for n in RUN_FILES if (run_dir / n).exists()]
     checkpoint = None
@@ -352,10 +299,10 @@ def train(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
         dataloader_num_workers=0, bf16=cfg.bf16, fp16=cfg.fp16, use_cpu=not torch.cuda.is_available(),
         disable_tqdm=os.environ.get("TSPEFT_QUIET") == "1",
     )
-    trainer = _trainer_class()(
+    trainer = TSTrainer(
         model=model, args=args, train_dataset=train_set,
         data_collator=lambda batch: collate(batch, tokenizer.pad_token_id),
-        callbacks=_callbacks(run_dir, model, cfg.method),
+        callbacks=_callbacks(run_dir, model),
     )
     if trainer.is_world_process_zero():  # everything is set up: only now touch what the directory holds
         if checkpoint is not None:
@@ -370,7 +317,7 @@ def train(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
     trainer.train(resume_from_checkpoint=checkpoint)
     if not trainer.is_world_process_zero():
         return {}  # data parallel: rank 0 alone evaluates and writes the run directory
-    model = _unwrap(trainer.model)
+    model = unwrap(trainer.model)
     eval_records = _eval_records(data, cfg)
     result = evaluate(model, tokenizer, data.spec, head, eval_records, cfg)
     if is_enabled(model) and head != "causal-lm":

@@ -1,0 +1,62 @@
+"""tspeft.TSTrainer in a user's own transformers.Trainer script (no tspeft CLI, no run directory)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import batch, tiny_llama, with_adapter
+from transformers import TrainingArguments
+
+import tspeft
+
+
+def _data(n: int = 24):
+    out = []
+    for i in range(n):
+        b = batch("llama", seed=i, b=1, t=10, pad=3 * (i % 2))
+        out.append({k: v[0] for k, v in b.items()})
+    return out
+
+
+def _collate(rows):
+    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def _trainer(model, out, **kw):
+    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, max_steps=6, learning_rate=5e-3,
+                             logging_steps=2, save_steps=3, save_strategy="steps", report_to="none", use_cpu=True,
+                             seed=0, data_seed=0, disable_tqdm=True, **kw)
+    return tspeft.TSTrainer(model=model, args=args, train_dataset=_data(), data_collator=_collate)
+
+
+def _ts_model():
+    return tspeft.enable(with_adapter(tiny_llama(), "llama", "lora"), tspeft.TSConfig(lam=1e-3, s=2e-2))
+
+
+def test_ts_trainer_trains_thresholds_logs_sparsity_and_resumes(tmp_path):
+    trainer = _trainer(_ts_model(), tmp_path / "full")
+    trainer.train()
+    assert any(g.get("ts_threshold") for g in trainer.optimizer.param_groups)  # the thresholds' own group
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 3 and all(0.0 <= h["ts_sparsity"] <= 1.0 and "ts_threshold_mean" in h for h in logged)
+    assert logged[-1]["ts_threshold_mean"] > 0
+    final = tspeft.thresholds(trainer.model)
+    checkpoint = tmp_path / "full" / "checkpoint-3"
+    assert (checkpoint / "tspeft_state.safetensors").is_file()  # the model's save_pretrained wrote the TS state
+    again = _trainer(_ts_model(), tmp_path / "full")
+    again.train(resume_from_checkpoint=str(checkpoint))
+    for name, tau in tspeft.thresholds(again.model).items():
+        assert tau == pytest.approx(final[name], rel=1e-5, abs=1e-7)
+
+
+def test_ts_trainer_allocates_adalora_ranks_dense_or_not(tmp_path, monkeypatch):
+    from peft.tuners.adalora.model import AdaLoraModel
+
+    calls = []
+    original = AdaLoraModel.update_and_allocate
+    monkeypatch.setattr(AdaLoraModel, "update_and_allocate", lambda self, step: calls.append(step) or original(self, step))
+    model = with_adapter(tiny_llama(), "llama", "adalora")
+    trainer = _trainer(model, tmp_path, max_grad_norm=1.0)
+    trainer.train()
+    assert calls == list(range(6))
+    assert "ts_sparsity" not in trainer.state.log_history[0]  # dense: a plain Trainer's logs

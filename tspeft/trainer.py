@@ -1,0 +1,107 @@
+"""``tspeft.TSTrainer``: ``transformers.Trainer`` for a token-selective (or dense) peft model.
+
+    model = get_peft_model(base, LoraConfig(...))
+    tspeft.enable(model, tspeft.TSConfig(lam=1e-5, s=1e-3))
+    trainer = tspeft.TSTrainer(model=model, args=TrainingArguments(...), train_dataset=...)
+    trainer.train()                     # or trainer.train(resume_from_checkpoint=True)
+
+What it changes in ``Trainer``, and nothing else:
+
+- the optimizer is :func:`tspeft.optimizer` (adapters as ``args`` say, plus the thresholds' group: lr = s,
+  betas (0.9, 0.98), no weight decay, following the learning-rate schedule), and an fp16 loss scaler is
+  attached so that lambda's term is scaled like the loss's;
+- gradient clipping (and the logged ``grad_norm``) covers the adapters only, never the thresholds;
+- every logging step adds ``ts_sparsity`` (share of real tokens whose update was skipped since the
+  previous logging step, summed over data-parallel ranks) and ``ts_threshold_mean`` to the logs, so they
+  reach TensorBoard, W&B or whatever ``report_to`` names, and reports threshold updates skipped for a
+  non-finite ``g_k``;
+- checkpoints hold the thresholds and their optimizer state (the model's ``save_pretrained`` writes
+  them), and resuming loads them back;
+- a peft AdaLoRA model gets ``update_and_allocate`` after every optimizer step (peft leaves it to the loop).
+
+A dense peft model (token selection not enabled) trains as with ``Trainer``, AdaLoRA's allocation included.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+from transformers import Trainer, TrainerCallback
+
+from .model import is_enabled
+from .optim import adapter_parameters, attach_grad_scaler, optimizer, report_skipped_updates
+from .stats import all_reduce_stats, overall_sparsity, reset_stats, thresholds
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Return the model inside a data-parallel wrapper (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+class AdaLoraAllocation(TrainerCallback):
+    """Calls AdaLoRA's ``update_and_allocate`` after every optimizer step, before gradients are zeroed."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.calls = 0
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.model.base_model.update_and_allocate(state.global_step)
+        self.calls += 1
+
+
+def _is_adalora(model: nn.Module) -> bool:
+    from peft.tuners.adalora import AdaLoraModel
+
+    return isinstance(getattr(model, "base_model", None), AdaLoraModel)
+
+
+class TSTrainer(Trainer):
+    """``transformers.Trainer`` with tspeft's optimizer, threshold-free clipping, sparsity in the logs and
+    threshold-aware checkpoints (see the module's docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        model = unwrap(self.model)
+        if _is_adalora(model):
+            self.add_callback(AdaLoraAllocation(model))
+
+    def create_optimizer(self, model=None):
+        model = model if model is not None else self.model
+        if self.optimizer is None and is_enabled(unwrap(model)):
+            self.optimizer = optimizer(unwrap(model), lr=self.args.learning_rate, weight_decay=self.args.weight_decay,
+                                       betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon)
+            scaler = getattr(self.accelerator, "scaler", None)
+            if scaler is not None:
+                attach_grad_scaler(unwrap(model), scaler)
+        return super().create_optimizer(model) if self.optimizer is None else self.optimizer
+
+    def _clip_grad_norm(self, model):
+        params = adapter_parameters(unwrap(model))  # thresholds stay out of clipping (see tspeft.clip_grad_norm_)
+        return self.accelerator.clip_grad_norm_(params, self.args.max_grad_norm)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        if grad_norm is None:
+            grad_norm = self.accelerator.clip_grad_norm_(adapter_parameters(unwrap(model)), float("inf"))
+        return grad_norm
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        target = unwrap(model if model is not None else self.model)
+        if is_enabled(target):
+            from .io import load_ts_state
+
+            load_ts_state(target, resume_from_checkpoint)
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        model = unwrap(self.model)
+        training = is_enabled(model) and "loss" in logs  # a training logging step (not an evaluation's)
+        if training:
+            report_skipped_updates(model)  # threshold updates skipped for a non-finite g_k (read here on CUDA)
+            all_reduce_stats(model)  # data parallel: every rank's tokens (a collective: every rank logs)
+            taus = list(thresholds(model).values())
+            logs = {**logs, "ts_sparsity": overall_sparsity(model), "ts_threshold_mean": sum(taus) / len(taus)}
+        super().log(logs, *args, **kwargs)  # callbacks' on_log run here and may read module_stats
+        if training:
+            reset_stats(model)  # each logging step reports the tokens since the previous one
