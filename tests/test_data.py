@@ -304,3 +304,33 @@ def test_score_choices_on_tiny_llama(tokenizer):
     assert len(preds) == 4 and all(0 <= p < len(r["choices"]) for p, r in zip(preds, recs))
     assert preds == score_choices(model, tokenizer, recs, batch_size=1, spec=spec)  # padding-independent
     assert model.training
+
+
+def test_hub_ids_splits_and_revisions_of_the_commonsense_sets(monkeypatch):
+    """Offline: a stand-in `datasets` records what would be asked of the hub and serves the bundled rows."""
+    import sys
+    import types
+
+    from tspeft.data.bundled import read_bundled
+    from tspeft.data.tasks import get_task
+
+    asked = []
+
+    def load_dataset(path, name=None, split=None, **kwargs):
+        asked.append((path, name, split, kwargs.get("revision")))
+        return read_bundled(spec.bundled_path)[:8]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    expected = {
+        "piqa": ("ybisk/piqa", "default", "validation", "refs/convert/parquet"),  # no loading script there
+        "siqa": ("lighteval/siqa", None, "validation", None),
+        "arc_c": ("allenai/ai2_arc", "ARC-Challenge", "test", None),  # the DoRA / LLM-Adapters test sets
+        "obqa": ("allenai/openbookqa", "main", "test", None),
+        "boolq": ("google/boolq", None, "validation", None),
+    }
+    for task, (path, name, split, revision) in expected.items():
+        spec = get_task(task)
+        asked.clear()
+        data = load_task(task, source="hub")
+        assert asked == [(path, name, "train", revision), (path, name, split, revision)], task
+        assert len(data.test) == 8 and f"/ {split} (8 rows)" in data.note
