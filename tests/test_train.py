@@ -207,3 +207,21 @@ def test_cli_local_csv_with_its_own_columns_from_a_relative_path(tiny_model_dir,
     assert config["data_files"] == {"train": str(data / "reviews.csv")}  # absolute: eval works from elsewhere
     monkeypatch.chdir(tmp_path)
     assert main(["eval", str(tmp_path / "run")]) == 0
+
+
+def test_causal_lm_evaluation_scores_whole_prompts_not_the_training_cutoff(monkeypatch):
+    from types import SimpleNamespace
+
+    from conftest import tiny_llama
+
+    import tspeft.train as train_module
+    from tspeft.data import get_task
+
+    seen = {}
+    monkeypatch.setattr(train_module, "score_choices",
+                        lambda model, tok, records, **kw: seen.update(kw) or [0] * len(records))
+    model = tiny_llama()  # max_position_embeddings = 64
+    tokenizer = SimpleNamespace(model_max_length=int(1e30))  # no stated limit
+    records = [{"label": 0}, {"label": 1}]
+    train_module.evaluate(model, tokenizer, get_task("boolq"), "causal-lm", records, RunConfig(max_length=16))
+    assert seen["max_length"] == 64

@@ -22,6 +22,7 @@ from torch import nn
 
 from .config import TSConfig
 from .data import collate, compute_metrics, encode_examples, load_task, score_choices
+from .data.formatting import context_limit
 from .io import atomic_write
 from .model import checkpoint_context_fn, enable, is_enabled
 from .provenance import provenance
@@ -225,9 +226,9 @@ def evaluate(model: nn.Module, tokenizer, spec, head: str, records: list[dict], 
     model.eval()
     if is_enabled(model):
         reset_stats(model)
-    if head == "causal-lm":
+    if head == "causal-lm":  # whole prompts, as far as the model reaches: max_length is the training cutoff
         preds = score_choices(model, tokenizer, records, batch_size=cfg.eval_batch_size // 4 or 1, spec=spec,
-                              max_length=cfg.max_length)
+                              max_length=context_limit(model, tokenizer, cfg.max_length))
         labels = [int(r["label"]) for r in records]
     else:
         encoded = encode_examples(spec, records, tokenizer, max_length=cfg.max_length, head=head)

@@ -49,6 +49,15 @@ def clamp_max_length(tokenizer, max_length: int, model_max_length: int | None = 
     return max_length
 
 
+def context_limit(model, tokenizer, at_least: int, fallback: int = 2048) -> int:
+    """Return the longest sequence the model and tokenizer take (for scoring whole prompts), never below
+    ``at_least``; ``fallback`` (or ``at_least``, if larger) when neither states a limit."""
+    limits = [n for n in (getattr(tokenizer, "model_max_length", None),
+                          getattr(getattr(model, "config", None), "max_position_embeddings", None))
+              if isinstance(n, int) and 0 < n < _UNBOUNDED]
+    return max(min(limits), at_least) if limits else max(fallback, at_least)
+
+
 def _warn_truncated(count: int, total: int, max_length: int, what: str) -> None:
     if count:
         warnings.warn(f"{count} of {total} {what} were longer than max_length={max_length} tokens and were "
