@@ -60,3 +60,25 @@ def test_ts_trainer_allocates_adalora_ranks_dense_or_not(tmp_path, monkeypatch):
     trainer.train()
     assert calls == list(range(6))
     assert "ts_sparsity" not in trainer.state.log_history[0]  # dense: a plain Trainer's logs
+
+
+def test_filler_choices_stay_out_of_the_multiple_choice_loss(tmp_path):
+    from transformers import BertConfig, BertForMultipleChoice
+
+    from tspeft.data import collate
+
+    torch.manual_seed(0)
+    model = BertForMultipleChoice(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                             intermediate_size=48, max_position_embeddings=32)).eval()
+    rows = [{"input_ids": [[5, 6, 7], [5, 8], [5, 9, 9]], "attention_mask": [[1, 1, 1], [1, 1], [1, 1, 1]], "labels": 2},
+            {"input_ids": [[5, 10], [5, 11, 12]], "attention_mask": [[1, 1], [1, 1, 1]], "labels": 1}]  # 2 choices
+    inputs = collate(rows, 0, return_choice_mask=True)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    trainer = tspeft.TSTrainer(model=model, args=args)
+    loss = trainer.compute_loss(model, dict(inputs))
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in inputs.items() if k not in ("choice_mask", "labels")}).logits
+    expected = torch.nn.functional.cross_entropy(logits.masked_fill(~inputs["choice_mask"], float("-inf")),
+                                                 inputs["labels"])
+    torch.testing.assert_close(loss.detach(), expected)
+    assert not torch.isclose(expected, torch.nn.functional.cross_entropy(logits, inputs["labels"]))

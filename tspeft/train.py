@@ -302,7 +302,7 @@ def train(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
     )
     trainer = TSTrainer(
         model=model, args=args, train_dataset=train_set,
-        data_collator=lambda batch: collate(batch, tokenizer.pad_token_id),
+        data_collator=lambda batch: collate(batch, tokenizer.pad_token_id, return_choice_mask=head == "multiple-choice"),
         callbacks=_callbacks(run_dir, model),
     )
     if trainer.is_world_process_zero():  # everything is set up: only now touch what the directory holds

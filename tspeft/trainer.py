@@ -17,7 +17,9 @@ What it changes in ``Trainer``, and nothing else:
   non-finite ``g_k``;
 - checkpoints hold the thresholds and their optimizer state (the model's ``save_pretrained`` writes
   them), and resuming loads them back;
-- a peft AdaLoRA model gets ``update_and_allocate`` after every optimizer step (peft leaves it to the loop).
+- a peft AdaLoRA model gets ``update_and_allocate`` after every optimizer step (peft leaves it to the loop);
+- a multiple-choice batch from :func:`tspeft.data.collate` with ``return_choice_mask=True`` has its filler
+  choices (questions with fewer choices than the batch's widest) kept out of the loss.
 
 A dense peft model (token selection not enabled) trains as with ``Trainer``, AdaLoRA's allocation included.
 """
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
@@ -93,6 +96,18 @@ class TSTrainer(Trainer):
             from .io import load_ts_state
 
             load_ts_state(target, resume_from_checkpoint)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        choice_mask = inputs.pop("choice_mask", None)
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if choice_mask is not None and "labels" in inputs:
+            # the model's cross-entropy counts filler choices (pad rows) as wrong answers; the same loss without
+            # them, with whatever scaling the model or Trainer gave its own (gradient accumulation)
+            logits, labels = outputs.logits.float(), inputs["labels"]
+            dense = torch.nn.functional.cross_entropy(logits, labels)
+            masked = torch.nn.functional.cross_entropy(logits.masked_fill(~choice_mask, float("-inf")), labels)
+            loss = masked * (loss / dense).detach()
+        return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         model = unwrap(self.model)
