@@ -146,3 +146,28 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def fsdp2_save(rank: int, world: int, store: str, out: str) -> None:
+    """One rank of an FSDP2 (fully_shard) save: thresholds sharded, the full state dict gathered, rank 0 saves."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        model = build()
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in model.get_base_model().model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        with torch.no_grad():
+            for p in tspeft.threshold_parameters(model).values():
+                local = p.to_local() if hasattr(p, "to_local") else p
+                local.fill_(0.125)
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        model.save_pretrained(out, state_dict=state, is_main_process=rank == 0)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

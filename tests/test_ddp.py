@@ -86,3 +86,14 @@ def test_stats_buffers_are_kept_out_of_ddp_buffer_broadcast():
     assert not any(n.endswith("ts_threshold") for n in ignored)  # thresholds must be averaged
     tspeft.disable(model)
     assert not hasattr(model, "_ddp_params_and_buffers_to_ignore")
+
+
+def test_fsdp2_sharded_thresholds_save_from_the_gathered_state_dict(tmp_path):
+    import torch.multiprocessing as mp
+
+    if not hasattr(torch.distributed, "fsdp") or not hasattr(torch.distributed.fsdp, "fully_shard"):
+        pytest.skip("torch.distributed.fsdp.fully_shard (FSDP2) is not available")
+    out = tmp_path / "adapter"
+    mp.spawn(ddp_worker.fsdp2_save, args=(2, str(tmp_path / "store"), str(out)), nprocs=2)
+    loaded = tspeft.from_pretrained(ddp_worker.tiny_llama(seed=0), out)
+    assert set(tspeft.thresholds(loaded).values()) == {0.125}

@@ -137,6 +137,12 @@ def test_a_backbone_called_alone_counts_its_own_padding():
     with torch.no_grad():
         backbone(input_ids=data["input_ids"], attention_mask=torch.ones_like(data["attention_mask"]))
     assert {v["tokens"] for v in tspeft.module_stats(model).values()} == {14}
+    with torch.no_grad():
+        model(**data)
+    tspeft.reset_stats(model)
+    with torch.no_grad():
+        backbone(input_ids=data["input_ids"])  # alone and without a mask: every position is real
+    assert {v["tokens"] for v in tspeft.module_stats(model).values()} == {14}
 
 
 def test_target_modules_as_one_string_is_a_regex_as_in_peft():
@@ -182,3 +188,46 @@ def test_encoder_decoder_layers_count_their_own_sequences_padding(arch):
         model.generate(input_ids=ids, attention_mask=enc_mask, max_new_tokens=3, do_sample=False)
     counts = {n: v["tokens"] for n, v in tspeft.module_stats(model).items()}
     assert all(t == 9 for n, t in counts.items() if ".encoder." in n or n.endswith(cross))
+
+
+def test_a_bin_save_over_an_older_safetensors_save_is_refused(tmp_path):
+    model = tspeft.enable(with_adapter(tiny_llama(), "llama", "lora"), tspeft.TSConfig())
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.1)
+    _fill(model, 0.5)
+    model.save_pretrained(tmp_path, safe_serialization=False)  # peft would still read the old .safetensors
+    with pytest.raises(ValueError, match="saved with another adapter_model.bin"):
+        tspeft.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_saving_only_another_adapter_leaves_the_gated_adapters_state_alone(tmp_path):
+    model = with_adapter(tiny_llama(), "llama", "lora")
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["q_proj"]))
+    tspeft.enable(model, tspeft.TSConfig())
+    model.save_pretrained(tmp_path)
+    state = (tmp_path / "tspeft_state.safetensors").read_bytes()
+    _fill(model, 0.5)
+    model.save_pretrained(tmp_path, selected_adapters=["other"])
+    assert (tmp_path / "tspeft_state.safetensors").read_bytes() == state
+    assert set(tspeft.thresholds(tspeft.from_pretrained(tiny_llama(), tmp_path)).values()) == {0.0}
+
+
+def test_merging_another_adapter_is_not_refused():
+    model = with_adapter(tiny_llama(), "llama", "lora")
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["q_proj"]))
+    tspeft.enable(model, tspeft.TSConfig())
+    _fill(model, 0.5)
+    model.base_model.merge_adapter(adapter_names=["other"])  # not gated: merges
+    with pytest.raises(RuntimeError, match="nothing was merged"):
+        model.base_model.merge_adapter(adapter_names=["default"])
+
+
+def test_thresholds_come_from_a_gathered_state_dict_when_one_is_given(tmp_path):
+    """FSDP/DeepSpeed: the caller gathers the full state dict; the live parameters may be shards."""
+    model = tspeft.enable(with_adapter(tiny_llama(), "llama", "lora"), tspeft.TSConfig())
+    state = {k: (torch.full_like(v, 0.25) if k.endswith(".ts_threshold") else v) for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp_path, state_dict=state)
+    assert set(tspeft.thresholds(tspeft.from_pretrained(tiny_llama(), tmp_path)).values()) == {0.25}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 import shutil
@@ -225,3 +226,19 @@ def test_causal_lm_evaluation_scores_whole_prompts_not_the_training_cutoff(monke
     records = [{"label": 0}, {"label": 1}]
     train_module.evaluate(model, tokenizer, get_task("boolq"), "causal-lm", records, RunConfig(max_length=16))
     assert seen["max_length"] == 64
+
+
+def test_resume_keeps_whole_log_lines_and_reads_older_settings(tmp_path):
+    from tspeft.train import _check_resume_settings, _truncate_log
+
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1}\n{"step": 2}\nnot json\n{"loss": 1}\n{"step": 3, "lo')  # killed mid-line
+    _truncate_log(log, 2)
+    assert log.read_text() == '{"step": 1}\n{"step": 2}\n'
+    old = dataclasses.asdict(RunConfig(output_dir=str(tmp_path)))
+    for later in ("eval_on", "split_seed", "text_fields", "label_field"):  # settings added after that run
+        old.pop(later)
+    (tmp_path / "run.json").write_text(json.dumps({"config": old}))
+    _check_resume_settings(tmp_path, RunConfig(output_dir=str(tmp_path), resume=True))  # no difference
+    with pytest.raises(ValueError, match="lam"):
+        _check_resume_settings(tmp_path, RunConfig(output_dir=str(tmp_path), resume=True, lam=0.5))

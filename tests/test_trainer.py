@@ -82,3 +82,19 @@ def test_filler_choices_stay_out_of_the_multiple_choice_loss(tmp_path):
                                                  inputs["labels"])
     torch.testing.assert_close(loss.detach(), expected)
     assert not torch.isclose(expected, torch.nn.functional.cross_entropy(logits, inputs["labels"]))
+
+
+def test_ts_trainer_resumes_an_adapter_not_named_default(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    def make():
+        model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), adapter_name="foo")
+        return tspeft.enable(model, tspeft.TSConfig(lam=1e-3, s=2e-2))
+
+    first = _trainer(make(), tmp_path)
+    first.train()
+    assert (tmp_path / "checkpoint-3" / "foo" / "tspeft_state.safetensors").is_file()
+    again = _trainer(make(), tmp_path)
+    again.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    for name, tau in tspeft.thresholds(again.model).items():
+        assert tau == pytest.approx(tspeft.thresholds(first.model)[name], rel=1e-5, abs=1e-7)

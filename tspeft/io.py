@@ -147,7 +147,8 @@ def stale_reason(directory: str | Path) -> str | None:
     name, expected = metadata.get("adapter_file"), metadata.get("adapter_sha256")
     if name is None or expected is None:  # saved before the fingerprint existed
         return None
-    if not (folder / name).is_file() or _file_sha256(folder / name) != expected:
+    loaded = next((n for n in ADAPTER_FILES if (folder / n).is_file()), None)  # what peft (or tspeft) reads
+    if loaded != name or _file_sha256(folder / name) != expected:
         dense = (
             "delete the two tspeft_* files to load it as a dense adapter with tspeft.from_pretrained"
             if name == ADAPTER_WEIGHTS else "load the dense adapter with peft.PeftModel.from_pretrained"
@@ -161,15 +162,21 @@ def stale_reason(directory: str | Path) -> str | None:
     return None
 
 
-def save_ts_state(model: nn.Module, directory: str | Path) -> Path:
-    """Write the TS config, thresholds and threshold-rule state beside the adapter; return the folder."""
-    from .optim import threshold_state
+def save_ts_state(model: nn.Module, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the TS config, thresholds and threshold-rule state beside the adapter; return the folder.
+
+    state_dict: the model's full state dict when the caller gathered one (FSDP, DeepSpeed): thresholds are
+    taken from it (``<module>.ts_threshold``) rather than from the live, possibly sharded, parameters.
+    """
+    from .optim import threshold_state, whole_tensor
 
     ctrl = controller(model)
     folder = _adapter_dir(model, directory)
     tensors: dict[str, torch.Tensor] = {}
     for name, mod in gated_modules(model).items():
-        tensors[f"{name}.threshold"] = mod.ts_threshold.detach().float().cpu().reshape(1).contiguous()
+        value = (state_dict or {}).get(f"{name}.{THRESHOLD}")
+        value = whole_tensor(mod.ts_threshold if value is None else value)
+        tensors[f"{name}.threshold"] = value.detach().float().cpu().reshape(1).contiguous()
     for name, state in threshold_state(model).items():
         for k in RULE_KEYS:
             tensors[f"{name}.{k}"] = torch.as_tensor(state[k]).float().cpu().reshape(1).contiguous()
@@ -183,6 +190,8 @@ def save_ts_state(model: nn.Module, directory: str | Path) -> Path:
 def load_ts_state(model: nn.Module, directory: str | Path) -> None:
     """Load thresholds (and threshold-rule state, for the next tspeft.optimizer) into an enabled model."""
     ctrl = controller(model)
+    if not (Path(directory) / STATE_NAME).exists():  # a checkpoint of an adapter not named "default": its subfolder
+        directory = _adapter_dir(model, directory)
     path = Path(directory) / STATE_NAME
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: this folder holds no token-selection state")

@@ -35,6 +35,7 @@ class TSController:
         # encoder's output (the input of cross-attention's key and value projections)
         self.decoder_mask: torch.Tensor | None = None
         self.encoder_states: tuple[int, tuple[int, ...]] | None = None  # (data_ptr, shape)
+        self.depth = 0  # calls of the hooked top-level model(s) under way
         self.grad_scaler: Any = None  # a torch.amp.GradScaler whose scale multiplies lambda's term
         self.optimizer_ref: weakref.ref | None = None
         self.pending_optimizer_state: dict[str, dict[str, torch.Tensor]] = {}
@@ -111,6 +112,10 @@ class GatedLayer:
         return type(self)._ts_update(self, x, base, gate)
 
     def merge(self, *args: Any, **kwargs: Any) -> None:
+        names = kwargs.get("adapter_names", args[1] if len(args) > 1 else None)  # merge(safe_merge, adapter_names)
+        gated = self._ts_ctrl.adapter_name
+        if names is not None and gated is not None and gated not in names:  # another adapter: not gated
+            return super().merge(*args, **kwargs)
         # every gated layer of the model, not only this one: peft merges layer by layer, and a refusal half-way
         # through merge_and_unload would leave the earlier layers merged and unloaded for good
         taus = [float(m._parameters[THRESHOLD].detach().max()) for m in self._ts_ctrl.modules]
@@ -266,15 +271,17 @@ def enable(model: nn.Module, config: TSConfig | None = None) -> nn.Module:
 
     inner = model.get_base_model() if isinstance(model, PeftModel) else model
     backbone = getattr(inner, "base_model", None)
-    hooked = {model: "", inner: ""}
+    hooked = {model: "top", inner: "top"}
     if isinstance(backbone, nn.Module) and backbone not in hooked:
         hooked[backbone] = "lenient"
     if stacks is not None:  # generate() runs the encoder alone, then the decoder with its own mask
-        hooked.update({stacks[0]: "", stacks[1]: "decoder"})
+        hooked.update({stacks[0]: "encoder", stacks[1]: "decoder"})
     for mod, kind in hooked.items():
         mod._ts_mask_ctrl = ctrl  # the hook finds the controller through the module: right for a deepcopy too
         hook = _capture_attention_mask(model, mod, lenient=kind == "lenient", decoder=kind == "decoder")
         ctrl.hook_handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
+        if kind == "top":  # count the calls under way, so that the backbone knows it runs inside one
+            ctrl.hook_handles += [mod.register_forward_pre_hook(_enter), mod.register_forward_hook(_leave, always_call=True)]
     _wrap_save(model)
     return model
 
@@ -363,8 +370,8 @@ def _ddp_ignore(model: nn.Module, names: list[str], *, add: bool) -> None:
 def _capture_attention_mask(model: nn.Module, module: nn.Module, lenient: bool = False, decoder: bool = False):
     """Return a forward pre-hook for `module` that stores the call's 2-D attention mask on model's controller.
 
-    lenient (a backbone inside the hooked model): a mask that is missing or not a usable padding mask (the
-    model above may pass it on transformed) leaves the captured one as it is instead of raising.
+    lenient (the backbone inside the hooked model): called inside the model's own call, it leaves the mask
+    the model captured (the model may pass it on transformed); called alone, it captures its own.
     decoder (an encoder-decoder model's decoder): the mask is the decoder's, and the call's
     ``encoder_hidden_states`` is remembered as the encoder's output.
     """
@@ -380,13 +387,8 @@ def _capture_attention_mask(model: nn.Module, module: nn.Module, lenient: bool =
         return value
 
     def hook(hooked: nn.Module, args: tuple, kwargs: dict) -> None:
-        if lenient:
-            try:
-                if argument("attention_mask", args, kwargs) is not None:
-                    strict(hooked, args, kwargs)
-            except (TypeError, ValueError):
-                pass
-            return
+        if lenient and hooked._ts_mask_ctrl.depth > 0:
+            return  # inside the model's own call: its mask is captured, and may reach here transformed
         strict(hooked, args, kwargs)
 
     def strict(hooked: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -409,6 +411,14 @@ def _capture_attention_mask(model: nn.Module, module: nn.Module, lenient: bool =
         ctrl.encoder_states = (states.data_ptr(), tuple(states.shape)) if isinstance(states, torch.Tensor) else None
 
     return hook
+
+
+def _enter(module: nn.Module, args: tuple) -> None:
+    module._ts_mask_ctrl.depth += 1
+
+
+def _leave(module: nn.Module, args: tuple, output: Any) -> None:
+    module._ts_mask_ctrl.depth -= 1
 
 
 _CACHE_ARGS = ("cache", "past_key_values")  # transformers 5 calls the KV cache `cache`, 4.x `past_key_values`
@@ -462,20 +472,23 @@ def _wrap_save(model: nn.Module) -> None:
     if cls not in _SAVE_CLASSES:
 
         def save_pretrained(self, save_directory, *args, **kwargs):
-            from .io import save_ts_state, staged_save
+            from .io import ADAPTER_FILES, _adapter_dir, save_ts_state, staged_save
 
             bound = inspect.signature(cls.save_pretrained).bind_partial(self, save_directory, *args, **kwargs)
             if not bound.arguments.get("is_main_process", True):  # other ranks: peft writes nothing, nor do we
                 return cls.save_pretrained(self, save_directory, *args, **kwargs)
 
             # peft saves every parameter of an adapter layer; the thresholds belong in the TS state only
-            state = kwargs.get("state_dict")
-            state = self.state_dict() if state is None else state
+            given = kwargs.get("state_dict")  # gathered by the caller (FSDP, DeepSpeed): the thresholds come from it
+            state = self.state_dict() if given is None else given
             kwargs["state_dict"] = {k: v for k, v in state.items() if not k.endswith("." + THRESHOLD)}
 
             def write(staging):
                 cls.save_pretrained(self, str(staging), *args, **kwargs)
-                save_ts_state(self, staging)
+                if _adapter_dir(self, staging).is_dir() and any(
+                    (_adapter_dir(self, staging) / f).is_file() for f in ADAPTER_FILES
+                ):  # not when selected_adapters leaves the gated adapter out: its TS state stays as it was
+                    save_ts_state(self, staging, state_dict=given)
 
             staged_save(save_directory, write)
 

@@ -256,6 +256,21 @@ def _restore_threshold_state(opt: torch.optim.Optimizer, taus: dict[str, nn.Para
         }
 
 
+def whole_tensor(t: torch.Tensor) -> torch.Tensor:
+    """Return a plain tensor with all of `t`: itself, or a sharded DTensor's local part when it holds every
+    element (a threshold is one element: under FSDP2 the rank that saves, rank 0, holds it whole). No
+    collective is called: saving runs on one rank only."""
+    if not hasattr(t, "to_local"):
+        return t
+    local = t.to_local()
+    if local.numel() != t.numel():
+        raise ValueError(
+            f"a threshold or its optimizer state is sharded across ranks ({local.numel()} of {t.numel()} elements "
+            "here); gather it first, e.g. pass save_pretrained the full state_dict"
+        )
+    return local.reshape(t.shape)
+
+
 def threshold_state(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
     """Return the threshold rule's state (step, exp_avg, exp_avg_sq) by module, from the live optimizer."""
     ctrl = controller(model)
@@ -265,8 +280,9 @@ def threshold_state(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
         return out
     for name, p in threshold_parameters(model).items():
         state = opt.state.get(p)
-        if state and "exp_avg" in state and float(state["step"]) > 0:  # never updated (only skips): nothing to keep
-            out[name] = {k: torch.as_tensor(state[k]).detach().cpu().reshape(-1) for k in ("step", "exp_avg", "exp_avg_sq")}
+        if state and "exp_avg" in state and float(whole_tensor(torch.as_tensor(state["step"]))) > 0:  # only skips: nothing
+            out[name] = {k: whole_tensor(torch.as_tensor(state[k])).detach().cpu().reshape(-1)
+                         for k in ("step", "exp_avg", "exp_avg_sq")}
     return out
 
 

@@ -365,6 +365,8 @@ def _check_resume_settings(run_dir: Path, cfg: RunConfig) -> None:
         saved = json.loads((run_dir / "run.json").read_text()).get("config")
     if saved is None:
         return  # a run from before run_config.json existed, killed before its run.json: nothing to compare
+    known = {f.name for f in fields(RunConfig)}
+    saved = asdict(RunConfig.from_dict({k: v for k, v in saved.items() if k in known}))  # later settings: defaults
     now = asdict(cfg)
     changed = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in now if k not in RESUME_MAY_CHANGE and saved.get(k) != now[k]]
     if changed:
@@ -378,7 +380,15 @@ def _truncate_log(path: Path, step: int) -> None:
     """Keep the log lines up to the checkpoint's step: the resumed run logs the later steps again."""
     if not path.is_file():
         return
-    lines = [x for x in path.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= step]
+
+    def kept(line: str) -> bool:  # a line cut short by the kill, or not a log record, goes too
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            return False
+        return isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step
+
+    lines = [x for x in path.read_text().splitlines() if kept(x)]
     atomic_write(path, lambda tmp: Path(tmp).write_text("".join(x + "\n" for x in lines)))
 
 

@@ -72,11 +72,13 @@ class TSTrainer(Trainer):
 
     def create_optimizer(self, model=None):
         model = model if model is not None else self.model
-        if self.optimizer is None and is_enabled(unwrap(model)):
-            self.optimizer = optimizer(unwrap(model), lr=self.args.learning_rate, weight_decay=self.args.weight_decay,
-                                       betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon)
+        if is_enabled(unwrap(model)):
+            if self.optimizer is None:  # not passed in by the caller (optimizers=(...))
+                self.optimizer = optimizer(unwrap(model), lr=self.args.learning_rate,
+                                           weight_decay=self.args.weight_decay, eps=self.args.adam_epsilon,
+                                           betas=(self.args.adam_beta1, self.args.adam_beta2))
             scaler = getattr(self.accelerator, "scaler", None)
-            if scaler is not None:
+            if scaler is not None:  # whoever built the optimizer: lambda's term must be scaled like the loss
                 attach_grad_scaler(unwrap(model), scaler)
         return super().create_optimizer(model) if self.optimizer is None else self.optimizer
 
