@@ -1,6 +1,6 @@
 """One training step, forward + backward: dense PEFT vs token selection, time and peak memory.
 
-    python benchmarks/step.py                                   # CPU preset, about a minute
+    python benchmarks/step.py                                   # CPU preset, about 2 minutes
     python benchmarks/step.py --threads 1 --json step.json      # steadier on shared cores
     python benchmarks/step.py --device cuda --preset llama8b-4layers --json bench_gpu.json
 

@@ -46,7 +46,9 @@ def test_tiny_benchmark_json_has_every_row(tmp_path, capsys):
             assert lo <= r["ratio_to_dense"] <= hi
             f = r["flops"]
             assert f["impl_skip_gflop"] == 0.0
-            assert f["bound_skip_gflop"] == pytest.approx(3 * f["gate_needs_gflop"])
+            if r["kind"] != "dora":  # low rank: the gate needs a third of an inactive token's adapter FLOPs
+                assert f["bound_skip_gflop"] == pytest.approx(3 * f["gate_needs_gflop"])
+            assert f["achievable_skip_gflop"] == pytest.approx(f["bound_skip_gflop"] - f["gate_needs_gflop"])
             assert f["adapter_gflop"] >= f["bound_skip_gflop"] >= f["achievable_skip_gflop"] >= 0
         else:
             assert r["ratio_to_dense"] is None and r["flops"] is None
@@ -200,3 +202,30 @@ def test_gate_models_and_benchmark_import_without_the_data_and_plot_packages():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "data needs pyarrow"  # the import was blocked, so the check means something
+
+
+@pytest.mark.parametrize("method,dropout", [("lora", 0.0), ("dora", 0.0), ("dora", 0.1), ("adalora", 0.0), ("adapter", 0.1)])
+def test_flop_accounting_per_token_cost_matches_a_flop_counter(method, dropout):
+    """The dense adapter's FLOPs per token, counted by torch's FlopCounterMode on the peft (dense) model: the
+    difference between two batch sizes cancels what is paid once per step (DoRA's column norm)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def counted(model, b):
+        data = batch("llama", b=b, t=10, pad=0)
+        with FlopCounterMode(display=False) as fc:
+            emb = model.get_input_embeddings()(data["input_ids"]).detach().requires_grad_()
+            model(inputs_embeds=emb, attention_mask=data["attention_mask"], labels=data["labels"]).loss.backward()
+        return fc.get_total_flops()
+
+    floor = tiny_llama(dtype=torch.float64).requires_grad_(False)
+    dense = with_adapter(tiny_llama(dtype=torch.float64), "llama", method, dropout=dropout)
+    gated = tspeft.enable(copy.deepcopy(dense), tspeft.TSConfig())
+    stats = {n: {"active": 1, "tokens": 1} for n in tspeft.gated_modules(gated)}
+    per_token = [(counted(dense, b) - counted(floor, b)) / 1e9 for b in (3, 6)]
+    formula = [measure.flop_accounting(gated, 10 * b, stats)["adapter_gflop"] for b in (3, 6)]
+    assert formula[1] - formula[0] == pytest.approx(per_token[1] - per_token[0], rel=1e-9)
+    if method == "dora":  # once per step: A W0^T, A A^T and B (A A^T) per module, by hand
+        shapes = [(m.get_base_layer().in_features, m.get_base_layer().out_features)
+                  for m in tspeft.gated_modules(gated).values()]
+        expected = sum(2 * 4 * i * o + 2 * 16 * (i + o) for i, o in shapes) / 1e9
+        assert measure.flop_accounting(gated, 30, stats)["per_step_gflop"] == pytest.approx(expected)

@@ -4,7 +4,8 @@ Rows, all in one process and one run, on copies of one random-init ``LlamaForCau
 the frozen base with no adapter (the floor), peft LoRA / DoRA / AdaLoRA, tspeft's parallel adapter,
 and each of them token-selective (``tspeft.enable``), the latter at threshold 0 (every token active)
 and at thresholds calibrated so that about half of the tokens are active. With ``control``, each dense
-row is run a second time on its own copy (an A/A row), which shows the run's resolution.
+row is run a second time on its own copy (an A/A row), which shows the run's resolution. Every row has
+its own model, the two settings of a TS method too (no row ever steps right after its own model).
 
 - Every adapter gets a non-zero update (B, AdaLoRA's E, the adapter's up projection drawn at random, the
   same for a dense row and its TS twin); with B = 0 every ratio is 0 and no threshold could select.
@@ -17,7 +18,8 @@ row is run a second time on its own copy (an A/A row), which shows the run's res
 - Memory, in separate passes: model weights + the peak of tensors allocated during the step (CUDA:
   the rise of ``torch.cuda.max_memory_allocated``; CPU: a dispatch-mode tracker counting the storages
   that torch ops allocate and free), and the activations saved for backward (saved-tensor hooks).
-- FLOP accounting per TS row at the measured sparsity (see :func:`flop_accounting`).
+- Sparsity: that of the TS rows' timed steps. FLOP accounting per TS row at that sparsity (see
+  :func:`tspeft.measure.flop_accounting`).
 
 ``python benchmarks/step.py --help`` or ``tspeft bench --help`` lists the options; docs/performance.md
 has the measured tables.
@@ -48,7 +50,6 @@ from .bench_models import (
     build_base,
     build_variant,
     calibrate_thresholds,
-    loss_of,
     make_batch,
     set_thresholds,
 )
@@ -85,15 +86,16 @@ class Row:
 DENSE_NAMES = {"lora": "peft LoRA", "dora": "peft DoRA", "adalora": "peft AdaLoRA", "adapter": "parallel adapter"}
 
 
-def _rows(kinds: tuple[str, ...], ts_settings: tuple[str, ...], control: bool = False) -> list[Row]:
+def _rows(kinds: tuple[str, ...], ts_settings: tuple[str, ...], control: bool = False, active: float = 0.5) -> list[Row]:
+    """Return the rows; each has its own model (a TS setting too: no row steps right after its own model)."""
     rows = [Row("frozen base (floor)", "floor", False, "no adapter", "floor")]
     for k in kinds:
         rows.append(Row(DENSE_NAMES[k], k, False, "dense", k))
         if control:  # the dense row again, on its own copy: its ratio to the dense row is what noise alone gives
             rows.append(Row(f"{DENSE_NAMES[k]}, second copy", k, False, "control", f"{k}-copy"))
         for s in ts_settings:
-            label = "tau=0" if s == "tau0" else "~50% active"
-            rows.append(Row(f"TS-{LABELS[k]} {label}", k, True, s, f"ts-{k}"))
+            label = "tau=0" if s == "tau0" else f"~{active:.0%} active"
+            rows.append(Row(f"TS-{LABELS[k]} {label}", k, True, s, f"ts-{k}-{s}"))
     return rows
 
 
@@ -122,12 +124,16 @@ def run(
     row whose ratio to the dense row shows how far apart two identical models measure in this run.
     """
     p, preset_name = _preset(preset, dropout)
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    if torch.device(device).type == "cuda":  # cuda:N: memory statistics, syncs and kernels follow the current device
+        torch.cuda.set_device(torch.device(device))
     say = log or (lambda s: None)
     tokens = p.batch * p.seq
     say(f"building models ({preset_name}, {device}, {p.dtype})")
     base = build_base(p, device, seed)
     batch = make_batch(base, p, device, seed)
-    rows = _rows(kinds, ("tau0", "half"), control)
+    rows = _rows(kinds, ("tau0", "half"), control, active)
     models: dict[str, nn.Module] = {}
     for row in rows:
         if row.model_key not in models:
@@ -135,9 +141,9 @@ def run(
                                                   recompute_z=recompute_z)
     for k in kinds:
         say(f"calibrating TS-{LABELS[k]} thresholds to ~{active:.0%} active tokens")
-        half = calibrate_thresholds(models[f"ts-{k}"], batch, active, calibration_iters)
+        half = calibrate_thresholds(models[f"ts-{k}-half"], batch, active, calibration_iters)
         for row in rows:
-            if row.model_key == f"ts-{k}":
+            if row.ts and row.kind == k:
                 row.taus = 0.0 if row.setting == "tau0" else half
 
     def prepare(row: Row) -> nn.Module:
@@ -146,31 +152,28 @@ def run(
             set_thresholds(model, row.taus)
         return model
 
+    for row in rows:
+        if row.ts:  # the sparsity reported is that of the timed steps (their dropout draws included)
+            tspeft.reset_stats(prepare(row))
     say(f"timing {len(rows)} rows: {warmup} warm-up + {repeats} timed rounds, each row once per round")
     for row, (times, cpu_times) in zip(rows, _timed_rounds([lambda r=row: prepare(r) for row in rows], batch, device,
                                                              warmup, repeats)):
         row.times, row.cpu_times = times, cpu_times
     for row in rows:
         zero_grads(models[row.model_key], batch)
+        if row.ts:
+            stats = tspeft.module_stats(models[row.model_key])
+            row.result["sparsity"] = tspeft.overall_sparsity(models[row.model_key])
+            row.result["threshold_mean"] = statistics.fmean(float(v["threshold"]) for v in stats.values())
+            row.result["flops"] = flop_accounting(models[row.model_key], tokens, stats)
     if memory:
         say("memory passes")
         for row in rows:
             row.result.update(memory_step(prepare(row), batch, device))
-    say("sparsity and FLOP passes")
     base_gflop = base_linear_gflop(base, tokens)
     for row in rows:
-        model = prepare(row)
-        if not row.ts:
-            continue
-        tspeft.reset_stats(model)
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            loss_of(model, batch)
-        stats = tspeft.module_stats(model)
-        row.result["sparsity"] = tspeft.overall_sparsity(model)
-        row.result["threshold_mean"] = statistics.fmean(float(v["threshold"]) for v in stats.values())
-        row.result["flops"] = flop_accounting(model, tokens, stats)
-        row.result["flops"]["base_linear_gflop"] = base_gflop
+        if row.ts:
+            row.result["flops"]["base_linear_gflop"] = base_gflop
     return _assemble(rows, p, preset_name, device, repeats, warmup, lam, active, recompute_z)
 
 
@@ -203,7 +206,7 @@ def _ts_path(device: str, dtype: str) -> str:
 
     probe = torch.empty(1, 1, device=device, dtype=getattr(torch, dtype))
     if kernels.enabled(probe):
-        return "triton kernels"
+        return "triton kernels (DoRA: pytorch)"
     why = kernels.unavailable_reason() if probe.is_cuda else "CPU"
     return f"pytorch ({why})" if why else "pytorch"
 
@@ -380,9 +383,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         ]
         out += _markdown(["row", "sparsity", "adapter, dense", "paper bound skip", "achievable skip", "skipped here"], lines)
         out += [
-            "paper bound = 6 N_inactive r (d_in + d_out): every adapter FLOP of the inactive tokens.",
-            "achievable = 4 N_inactive r (d_in + d_out): a learnt gate still needs z = A x (its norm) and B^T g (mu enters",
-            "g_k) for every token. skipped here = 0: masked rows are zeros inside dense matmuls, not skipped.",
+            "adapter, dense: every token, plus DoRA's per-step column norm. paper bound: every per-token adapter FLOP",
+            "of the inactive tokens (LoRA: 6 N_inactive r (d_in + d_out); DoRA under dropout adds 4 N_inactive d_in d_out",
+            "for W0 dropout(x) and its gradient). achievable: the bound less what a learnt gate still needs for every",
+            "token: z = A x (its norm) and B^T g (mu enters g_k); DoRA also B z and, under dropout, W0 dropout(x) (the",
+            "norm of delta). skipped here = 0: masked rows are zeros inside dense matmuls, not skipped.",
         ]
     return "\n".join(out)
 

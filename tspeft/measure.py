@@ -165,43 +165,61 @@ def memory_step(model: nn.Module, batch: Batch, device: str) -> dict[str, float]
 # ----------------------------------------------------------------------------------------------- FLOPs
 
 
-def _module_shapes(model: nn.Module) -> dict[str, tuple[int, int, int]]:
-    """Return {gated module: (d_in, d_out, r)}."""
+def _module_costs(model: nn.Module) -> dict[str, dict[str, float]]:
+    """Return, per gated module, its adapter FLOPs: per token (all of it, and what the gate needs) and per step."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
     out = {}
     for name, mod in tspeft.gated_modules(model).items():
         base = mod.get_base_layer() if hasattr(mod, "get_base_layer") else mod.base_layer
-        out[name] = (base.in_features, base.out_features, layer_rank(mod))
+        d_in, d_out, r = base.in_features, base.out_features, layer_rank(mod)
+        per_token, needs, per_step = 6.0 * r * (d_in + d_out), 2.0 * r * (d_in + d_out), 0.0
+        if isinstance(mod, LoraLinear) and mod.use_dora.get(mod.active_adapters[0], False):
+            drop = mod.lora_dropout[mod.active_adapters[0]]
+            dropout = isinstance(drop, nn.Dropout) and drop.p > 0 and drop.training
+            needs = 2.0 * r * d_in + 4.0 * r * d_out  # z, the norm's B z term, B^T g for mu
+            per_step = 2.0 * r * d_in * d_out + 2.0 * r * r * (d_in + d_out)  # column norm: A W0^T, A A^T, B (A A^T)
+            if dropout:  # b' = W0 dropout(x) forward, and x's gradient through it: a dense product per token
+                per_token += 4.0 * d_in * d_out
+                needs += 2.0 * d_in * d_out  # the norm of delta needs b' of every token
+        out[name] = {"per_token": per_token, "needs": needs, "per_step": per_step}
     return out
 
 
 def flop_accounting(model: nn.Module, tokens: int, stats: dict[str, dict[str, Any]]) -> dict[str, float]:
-    r"""Return adapter GFLOP per step at the measured sparsity (a gated model, `stats` of one step).
+    r"""Return adapter GFLOP per step at the measured sparsity (a gated model, `stats` of its steps).
 
     A low-rank update on N tokens costs 2 N r (d_in + d_out) forward (z = A x, then B z) and twice that
-    backward (dB, dz, dA, dx through A): 6 N r (d_in + d_out) per module. With N_in inactive tokens:
+    backward (dB, dz, dA, dx through A): 6 N r (d_in + d_out) per module. DoRA adds, per step, its column
+    norm (``per_step_gflop``: 2 r d_in d_out for A W0^T and the r x r products), and under dropout, per token,
+    b' = W0 dropout(x) and x's gradient through it: 4 N d_in d_out. With N_in inactive tokens:
 
-    - ``adapter_gflop``: the dense cost, every token.
-    - ``bound_skip_gflop``: the paper's theoretical bound, 6 N_in r (d_in + d_out): every FLOP of an
-      inactive token skipped.
-    - ``achievable_skip_gflop``: 4 N_in r (d_in + d_out). A learnt gate cannot skip z = A x for any token
-      (its norm decides the mask) nor B^T g (mu_i of an inactive token enters g_k, Eq. 15): that is
-      ``gate_needs_gflop`` = 2 N_in r (d_in + d_out); B (mask z), dB, dA and dx through A could be skipped.
+    - ``adapter_gflop``: the dense cost, every token, plus the per-step cost.
+    - ``bound_skip_gflop``: the paper's theoretical bound: every per-token FLOP of an inactive token skipped
+      (LoRA: 6 N_in r (d_in + d_out)).
+    - ``gate_needs_gflop``: what a learnt gate must still compute for the inactive tokens. LoRA: z = A x (its
+      norm decides the mask) and B^T g (mu_i of an inactive token enters g_k, Eq. 15), 2 N_in r (d_in +
+      d_out); DoRA also B z (the norm of delta) and, under dropout, b' (2 N_in d_in d_out).
+    - ``achievable_skip_gflop``: bound - gate needs (LoRA: B (mask z), dB, dA and dx through A).
     - ``impl_skip_gflop``: what this implementation skips: 0. It keeps dense shapes (no gather, no host
       sync): the masked rows of mask * z (forward) and of dz and dB's operand (backward) are zeros inside
       dense matmuls. What it saves instead is memory traffic and memory: no d_out-sized delta is formed
       or saved for backward, the update is one in-place addmm, and x's two input gradients share a buffer.
     """
-    dense = bound = 0.0
-    for name, (d_in, d_out, r) in _module_shapes(model).items():
+    dense = bound = needs = per_step = 0.0
+    for name, cost in _module_costs(model).items():
         row = stats[name]
         inactive = tokens * (1.0 - int(row["active"]) / max(int(row["tokens"]), 1))
-        dense += 6.0 * tokens * r * (d_in + d_out)
-        bound += 6.0 * inactive * r * (d_in + d_out)
+        dense += tokens * cost["per_token"] + cost["per_step"]
+        bound += inactive * cost["per_token"]
+        needs += inactive * cost["needs"]
+        per_step += cost["per_step"]
     return {
         "adapter_gflop": dense / 1e9,
         "bound_skip_gflop": bound / 1e9,
-        "gate_needs_gflop": bound / 3.0 / 1e9,
-        "achievable_skip_gflop": 2.0 * bound / 3.0 / 1e9,
+        "gate_needs_gflop": needs / 1e9,
+        "achievable_skip_gflop": (bound - needs) / 1e9,
+        "per_step_gflop": per_step / 1e9,
         "impl_skip_gflop": 0.0,
     }
 
