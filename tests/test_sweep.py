@@ -99,6 +99,9 @@ def test_plan_random_draws_and_half_rank_patterns_build_the_intended_peft_model(
     model, _, _ = build_model(half.config, 10, get_task("sst2"))
     ranks = {n: m.r["default"] for n, m in model.named_modules() if hasattr(m, "lora_A")}
     assert ranks == {"base_model.model." + k: v for k, v in half.config.rank_pattern.items()}
+    # half the rank, the same scale alpha / r as the source run (peft's own default would double it)
+    source = run.config["alpha"] / run.config["rank"]
+    assert {m.scaling["default"] for m in model.modules() if hasattr(m, "lora_A")} == {source}
     s_low = plan_sweep(source_run, tmp_path, fraction=0.25, fractions=[], strategies=["s_low"])[0]
     model, _, _ = build_model(s_low.config, 10, get_task("sst2"))
     adapted = sorted(n.removeprefix("base_model.model.") for n, m in model.named_modules() if hasattr(m, "lora_A"))
@@ -254,3 +257,4 @@ def test_reproduce_shards_share_the_runs(tmp_path, monkeypatch):
     assert (tmp_path / "results.md").is_file()
     with pytest.raises(ValueError, match="K/N"):
         reproduce.main([*base, "--shard", "2/2"])
+

@@ -242,3 +242,19 @@ def test_resume_keeps_whole_log_lines_and_reads_older_settings(tmp_path):
     _check_resume_settings(tmp_path, RunConfig(output_dir=str(tmp_path), resume=True))  # no difference
     with pytest.raises(ValueError, match="lam"):
         _check_resume_settings(tmp_path, RunConfig(output_dir=str(tmp_path), resume=True, lam=0.5))
+
+
+def test_the_papers_recipes_keep_table_6s_scale_and_tables_1_3s_lambda():
+    from tspeft.recipes import load_recipe
+
+    for recipe, task in (("nlu", "sst2"), ("csr", "boolq"), ("vit", None)):
+        for method in ("lora", "dora", "adalora"):
+            cfg = RunConfig.from_dict({**load_recipe(recipe, task=task, method=method), "task": task or "sst2"})
+            rank = (cfg.init_rank or 2 * cfg.rank) if method == "adalora" else cfg.rank  # peft: AdaLoRA's initial rank
+            assert cfg.alpha / rank == 0.5, (recipe, method)  # Table 6: scale 0.5
+    lam = {("csr", "lora"): 4.5e-5, ("csr", "dora"): 1e-5, ("csr", "adalora"): 1e-4,  # Table 1
+           ("vit", "lora"): 2e-6, ("vit", "dora"): 1e-6, ("vit", "adalora"): 5e-7,  # Table 2
+           ("nlu", "lora"): 2e-5, ("nlu", "adalora"): 2e-6, ("nlu", "adapter"): 2e-6}  # Table 3, SST-2
+    for (recipe, method), value in lam.items():
+        assert load_recipe(recipe, task="sst2" if recipe == "nlu" else None, method=method)["lam"] == value
+    assert not RunConfig(follow_schedule=False).ts_config().follow_schedule  # alpha_k = 1 can be chosen

@@ -31,7 +31,9 @@ _HELP = {
     "rule": "adam (Eq. 16-20) or plain (Appendix A.2 ablation)",
     "targets": "target modules as the paper's letters Q,K,V,O,Up,Down,Gate,I",
     "target_modules": "explicit module names (suffixes), overriding --targets",
-    "rank_pattern": "per-module ranks as name=r (LoRA/DoRA)",
+    "rank_pattern": "per-module ranks as name=r (LoRA/DoRA); each keeps the run's scale alpha / rank",
+    "follow_schedule": "the thresholds' step follows the learning-rate schedule (alpha_k of Eq. 20); "
+                       "--no-follow-schedule: alpha_k = 1",
     "data_files": "for --task local: train=path test=path (CSV or JSONL)",
     "text_fields": "for --task local: the text column(s), one or two",
     "label_field": "for --task local: the label column",

@@ -194,9 +194,11 @@ def _base_settings(config: dict[str, Any], overrides: dict[str, Any] | None) -> 
 
 def _point_config(base: dict[str, Any], sel: Selection, seed: int, run_dir: Path) -> RunConfig:
     settings = {**base, "seed": seed, "output_dir": str(run_dir), "target_modules": list(sel.modules)}
-    if sel.rank_pattern is not None:
+    if sel.rank_pattern is not None:  # half_rank: smaller ranks, the same scale alpha / rank (Table 6: 0.5)
         settings["rank_pattern"] = dict(sel.rank_pattern)
-        settings["rank"] = sel.rank or settings["rank"]
+        rank = sel.rank or settings["rank"]
+        settings["alpha"] = settings["alpha"] * rank / settings["rank"]
+        settings["rank"] = rank
     return RunConfig.from_dict(settings)
 
 

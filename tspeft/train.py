@@ -43,6 +43,7 @@ class RunConfig:
     lam: float = 1e-5
     s: float = 1e-3
     rule: str = "adam"
+    follow_schedule: bool = True  # the threshold's step follows the learning-rate schedule (alpha_k); False: alpha_k = 1
     seed: int = 0
     epochs: float = 3.0
     lr: float = 5e-4
@@ -99,7 +100,7 @@ class RunConfig:
 
     def ts_config(self) -> TSConfig:
         """Return the token-selection config of this run."""
-        return TSConfig(lam=self.lam, s=self.s, rule=self.rule)
+        return TSConfig(lam=self.lam, s=self.s, rule=self.rule, follow_schedule=self.follow_schedule)
 
     @property
     def label(self) -> str:
@@ -151,6 +152,8 @@ def build_model(cfg: RunConfig, total_steps: int, spec) -> tuple[nn.Module, Any,
         model = get_peft_model(base, LoraConfig(
             r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
             use_dora=cfg.method == "dora", rank_pattern=cfg.rank_pattern or {}, task_type=task_type,
+            # a module given its own rank keeps the run's scale alpha / rank (peft would use alpha / its rank)
+            alpha_pattern={k: cfg.alpha * r / cfg.rank for k, r in (cfg.rank_pattern or {}).items()},
             modules_to_save=head_modules if head == "multiple-choice" else None))
     if cfg.selective:
         enable(model, cfg.ts_config())

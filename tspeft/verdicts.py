@@ -118,7 +118,7 @@ def judge_polarization(stds: dict[str, float]) -> Verdict:
     if "dora" not in stds or not others:
         return Verdict(UNTESTED, "TS-DoRA and TS-LoRA/TS-AdaLoRA needed")
     ratio = stds["dora"] / max(max(others.values()), 1e-12)
-    why = "std over modules: " + ", ".join(f"{METHOD_NAMES[k]} {v:.1f}" for k, v in stds.items())
+    why = "std over q, k, v modules: " + ", ".join(f"{METHOD_NAMES[k]} {v:.1f}" for k, v in stds.items())
     why += f"; DoRA / max(others) = {ratio:.1f}"
     if ratio >= POLAR_FACTOR:
         return Verdict(REPRODUCED, why)
