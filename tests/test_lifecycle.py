@@ -231,3 +231,10 @@ def test_thresholds_come_from_a_gathered_state_dict_when_one_is_given(tmp_path):
     state = {k: (torch.full_like(v, 0.25) if k.endswith(".ts_threshold") else v) for k, v in model.state_dict().items()}
     model.save_pretrained(tmp_path, state_dict=state)
     assert set(tspeft.thresholds(tspeft.from_pretrained(tiny_llama(), tmp_path)).values()) == {0.25}
+
+
+def test_a_whole_model_saved_by_transformers_gets_pointed_to_tspeft_save_pretrained(tmp_path):
+    model = tspeft.enable(with_adapter(tiny_llama(), "llama", "adapter"), tspeft.TSConfig())
+    model.save_pretrained(tmp_path)  # transformers' own save: the whole model, no tspeft files
+    with pytest.raises(FileNotFoundError, match="tspeft.save_pretrained"):
+        tspeft.from_pretrained(tiny_llama(), tmp_path)

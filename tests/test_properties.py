@@ -1,6 +1,6 @@
 """Property tests of the gates over shapes, dtypes, thresholds (±inf included), token masks and padding.
 
-Reference (DESIGN.md §1), written out here in float64 from the very values the gate sees:
+Reference (the paper's Eq. 2, 3, 9, 15), written out here in float64 from the very values the gate sees:
 mask_i = ||delta_i|| >= tau ||base_i|| (all true for tau <= 0); out_i = base_i + mask_i delta_i;
 threshold.grad = -g_k with g_k = sum_{i real} [(mu_i >= 0) == mask_i] mu_i + lambda * #(active real tokens).
 """

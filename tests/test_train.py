@@ -100,6 +100,11 @@ def test_a_previous_run_is_never_replaced_or_resumed_by_mistake(tiny_model_dir, 
     assert "replacing the previous run" in capsys.readouterr().out
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-6"]
     assert len((run / "log.jsonl").read_text().splitlines()) == 6
+    # the CLI resumes with the run's own settings (run_config.json), without repeating its flags
+    assert main(["train", "--output-dir", str(run), "--resume"]) == 0
+    assert json.loads((run / "run.json").read_text())["config"]["epochs"] == 1
+    assert main(["train", "--output-dir", str(run), "--resume", "--lam", "0.5"]) == 2
+    assert "lam 0.001 -> 0.5" in capsys.readouterr().err
 
 
 def test_eval_of_a_foreign_run_json_is_a_clear_error(tmp_path, capsys):

@@ -165,9 +165,14 @@ def _run_config(ns: argparse.Namespace, **fixed: Any):
 
 def cmd_train(ns: argparse.Namespace) -> int:
     """Run one fine-tuning and print its score and sparsity."""
-    from .train import train
+    from .train import RunConfig, train
 
-    cfg = _run_config(ns)
+    saved = Path(ns.output_dir or "") / "run_config.json"
+    if ns.resume and ns.output_dir and saved.is_file():  # the run's own settings; flags given here on top
+        settings = {**json.loads(saved.read_text()), **_run_overrides(ns), "resume": True}
+        cfg = RunConfig.from_dict(settings)
+    else:
+        cfg = _run_config(ns)
     record = train(cfg, overwrite=ns.overwrite)
     if record:  # empty on data-parallel ranks other than 0
         _print_result(record, cfg.output_dir)

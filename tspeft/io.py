@@ -279,6 +279,12 @@ def from_pretrained(base_model: nn.Module, directory: str | Path, is_trainable: 
         raise ValueError(why)
     selective = is_token_selective(directory)
     if not selective and not (directory / ADAPTER_CONFIG).exists():
+        if (directory / "config.json").is_file() and not (directory / "adapter_config.json").is_file():
+            raise FileNotFoundError(
+                f"{directory} holds a whole transformers model (config.json, no tspeft files): a model with "
+                "tspeft parallel adapters saves its adapters and thresholds with tspeft.save_pretrained(model, "
+                "directory), not with model.save_pretrained"
+            )
         raise FileNotFoundError(
             f"{directory} has no {CONFIG_NAME}: it is not a token-selective adapter saved by tspeft "
             "(load a dense peft adapter with peft.PeftModel.from_pretrained)"

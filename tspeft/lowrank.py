@@ -1,4 +1,4 @@
-r"""The gate in rank space, for updates of the form :math:`delta_i = c\, B z_i` (DESIGN.md §2).
+r"""The gate in rank space, for updates of the form :math:`delta_i = c\, B z_i` (docs/performance.md).
 
 LoRA: :math:`z_i = A\,dropout(x_i)`; AdaLoRA: :math:`z_i = (E \odot A)\,dropout(x_i)`, :math:`c` = scaling / ranknum;
 parallel adapter: :math:`z_i = act(down(dropout(x_i)))`, :math:`B` = up. Then

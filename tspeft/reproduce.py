@@ -294,9 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     group = p.add_mutually_exclusive_group()
     group.add_argument("--quick", dest="mode", action="store_const", const="quick",
-                       help="the CPU budget: about an hour on 2 cores")
+                       help="the CPU budget: about 75-100 minutes of training on 2 idle cores (--plan estimates)")
     group.add_argument("--smoke", dest="mode", action="store_const", const="smoke",
-                       help="a few-minute end-to-end check (32 examples, 1 epoch, 1 seed, LoRA and DoRA)")
+                       help="an end-to-end check of a few minutes (32 examples, 1 epoch, 1 seed, LoRA and DoRA)")
     group.add_argument("--full", dest="mode", action="store_const", const="full",
                        help="all data, more epochs and a larger grid: for a GPU")
     p.set_defaults(mode="quick")
