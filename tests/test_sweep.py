@@ -142,6 +142,9 @@ def test_verdict_rules_on_synthetic_numbers():
     assert judge_curve({1.0: [85.0]}).label == UNTESTED
     assert combine([Verdict(UNTESTED, ""), Verdict(REPRODUCED, "")]) == REPRODUCED
     assert combine([Verdict(UNTESTED, "")]) == combine([]) == UNTESTED
+    # a dense method at the majority-label rate learned nothing: its cell tests nothing
+    assert judge_tables([57.5, 57.5], [57.5, 57.5], [0.5, 0.5], majority=57.5).label == UNTESTED
+    assert judge_tables([80, 80], [80, 80], [0.5, 0.5], majority=57.5).label == REPRODUCED
 
 
 def test_choose_setting_and_threshold_summary():

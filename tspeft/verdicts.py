@@ -28,6 +28,7 @@ ABLATION_DROP = 1.0  # plain must trail Adam-style by this ...
 ABLATION_FACTOR = 2.0  # ... and its thresholds must oscillate or range this many times more
 POLAR_FACTOR = 2.0  # TS-DoRA's std over modules against the larger of TS-LoRA's and TS-AdaLoRA's
 TUNE_TOLERANCE = 1.0  # choose_setting: the sparsest setting within this of the best validation score
+CHANCE_MARGIN = 0.5  # judge_tables: a dense accuracy within this of the majority-label rate learned nothing
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,16 @@ class Verdict:
 
 
 
-def judge_tables(dense: Sequence[float], ts: Sequence[float], sparsity: Sequence[float]) -> Verdict:
-    """Return the verdict on "TS matches dense while skipping many tokens" for one task and method."""
+def judge_tables(dense: Sequence[float], ts: Sequence[float], sparsity: Sequence[float],
+                 majority: float | None = None) -> Verdict:
+    """Return the verdict on "TS matches dense while skipping many tokens" for one task and method.
+
+    majority: the accuracy of always answering the test split's most frequent label; a dense method that
+    does no better learned nothing, and a TS twin that matches it shows nothing: the cell is not tested.
+    """
+    if majority is not None and float(np.mean(dense)) <= majority + CHANCE_MARGIN:
+        return Verdict(UNTESTED, f"dense {float(np.mean(dense)):.1f} is no better than always answering the "
+                                 f"majority label ({majority:.1f}): nothing was learned to keep")
     gap = float(np.mean(ts) - np.mean(dense))
     sp = 100.0 * float(np.mean(sparsity))
     low, high = SPARSITY_RANGE
