@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapter import _matches
 from .config import TSConfig
 from .layers import KEEP_Z, SUPPORTED, gated_forward_for, recomputable_rank, unsupported_reason
 
@@ -146,12 +147,6 @@ def _is_adapter_layer(module: nn.Module) -> bool:
     return isinstance(module, (BaseTunerLayer, ParallelAdapter))
 
 
-def _matches(name: str, targets: str | list[str] | None) -> bool:
-    from .adapter import _matches as matches  # a list of name suffixes, or one regex, as peft reads them
-
-    return targets is None or matches(name, targets)
-
-
 def controller(model: nn.Module) -> TSController:
     """Return the model's TSController; raise if token selection is not enabled."""
     ctrl = getattr(model, "_tspeft", None)
@@ -225,7 +220,9 @@ def enable(model: nn.Module, config: TSConfig | None = None) -> nn.Module:
     if is_enabled(model):
         raise RuntimeError("token selection is already enabled on this model; call tspeft.disable(model) first")
     _check_active_adapters(model)
-    candidates = {n: m for n, m in model.named_modules() if _is_adapter_layer(m) and _matches(n, config.target_modules)}
+    targets = config.target_modules  # name suffixes, or one regex, as peft reads them
+    candidates = {n: m for n, m in model.named_modules()
+                  if _is_adapter_layer(m) and (targets is None or _matches(n, targets))}
     problems = []
     for name, mod in candidates.items():
         if gated_forward_for(mod) is None:
@@ -298,6 +295,7 @@ def disable(model: nn.Module) -> nn.Module:
         mod.__dict__.pop(KEEP_Z, None)
         mod.__dict__.pop(DECODER, None)
     _release_hooks(model)
+    controller(model).modules = []
     cls = type(model)
     if getattr(cls, "_ts_wrapped", False):
         model.__class__ = cls.__mro__[1]
