@@ -124,6 +124,24 @@ def test_backward_kernel_matches_reference(dtype, n, r, tensor_scale, with_real,
 
 
 @in_child
+def test_kernels_read_a_strided_padding_mask_as_torch_does():
+    """A bool attention mask's view (e.g. mask[:, ::2]) reaches the gate as a strided `real`."""
+    z, B, base_norm, real, c, tau = _case(40, 8, torch.float32, False)
+    strided = real.repeat_interleave(2)[::2]
+    assert strided.stride(0) == 2 and torch.equal(strided, real)
+    gB = torch.randn(40, 8, device=DEVICE)
+    out = {}
+    for use in (False, True):
+        stats = torch.zeros(4, dtype=torch.float64, device=DEVICE)
+        with kernels.use(use):
+            _, mask = _rank_forward(z, B, c, base_norm, tau, strided, stats)
+            grads = _rank_backward(gB, z, mask, strided, c, 1e-2, None, (True, True, True, True))
+        out[use] = (stats, grads[2])
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-5, atol=1e-5)
+
+
+@in_child
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_backward_kernel_non_finite_mu_reaches_g_k(bad):
     gB = torch.randn(70, 8, device=DEVICE)

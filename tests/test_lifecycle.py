@@ -238,3 +238,20 @@ def test_a_whole_model_saved_by_transformers_gets_pointed_to_tspeft_save_pretrai
     model.save_pretrained(tmp_path)  # transformers' own save: the whole model, no tspeft files
     with pytest.raises(FileNotFoundError, match="tspeft.save_pretrained"):
         tspeft.from_pretrained(tiny_llama(), tmp_path)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_a_hook_on_the_frozen_base_layer_keeps_the_gradients_peft_gives(method):
+    """The fused backward assumes base = W0 x + b; a hook that changes the base output must turn it off."""
+    dense = with_adapter(tiny_llama(dtype=torch.float64), "llama", method)
+    for m in dense.modules():
+        if hasattr(m, "base_layer") and isinstance(m.base_layer, torch.nn.Linear):
+            m.base_layer.register_forward_hook(lambda mod, args, out: out * 2.0)
+    gated = tspeft.enable(copy.deepcopy(dense), tspeft.TSConfig())
+    data = batch("llama")
+    grads = []
+    for model in (dense, gated):
+        emb = model.get_input_embeddings()(data["input_ids"]).detach().requires_grad_()
+        model(inputs_embeds=emb, attention_mask=data["attention_mask"], labels=data["labels"]).loss.backward()
+        grads.append(emb.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-9, atol=1e-9)

@@ -193,7 +193,7 @@ def gate_forward(
     fin = torch.finfo(torch.float32)
     k.gate_fwd[(blocks,)](
         z2, zg, base_norm.to(torch.float32).contiguous(), threshold.detach(), c_t if c_ptr else zw,
-        real.view(torch.uint8) if real is not None else mask, zw, mask.view(torch.uint8), part,
+        real.contiguous().view(torch.uint8) if real is not None else mask, zw, mask.view(torch.uint8), part,
         n, r, z2.stride(0), zg.stride(0), zw.stride(0), c_v, fin.tiny, fin.max,
         HAS_REAL=real is not None, C_PTR=c_ptr, STATS=stats is not None,
         BLOCK=BLOCK_N, BLOCK_R=max(triton_next_pow2(r), 2),
@@ -226,7 +226,7 @@ def gate_backward(
     part = torch.empty(blocks, 3, dtype=torch.float32, device=z2.device)
     c_t, c_v, c_ptr = _scale_args(c, z2.device)
     k.gate_bwd[(blocks,)](
-        gB, z2, mask.view(torch.uint8), real.view(torch.uint8) if real is not None else mask.view(torch.uint8),
+        gB, z2, mask.view(torch.uint8), real.contiguous().view(torch.uint8) if real is not None else mask.view(torch.uint8),
         c_t if c_ptr else gz, gz, zw, part,
         n, r, gB.stride(0), z2.stride(0), gz.stride(0), zw.stride(0), c_v,
         HAS_REAL=real is not None, C_PTR=c_ptr, BLOCK=BLOCK_N, BLOCK_R=max(triton_next_pow2(r), 2),

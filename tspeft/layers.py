@@ -64,11 +64,20 @@ def _bias(layer: nn.Module) -> torch.Tensor | None:
 
 
 def _frozen_linear(layer: nn.Module) -> nn.Linear | None:
-    """Return the base nn.Linear if neither its weight nor its bias trains (x's gradient can be fused), else None."""
+    """Return the base nn.Linear if its output is W0 x + b with neither trained (x's gradient can be fused), else None.
+
+    Not when a hook or a forward set on the instance (accelerate's offloading, a user's hook) may change the
+    output: the fused backward computes x's gradient as g W0, which holds only for the plain product.
+    """
     lin = layer.get_base_layer()
-    if type(lin).forward is not nn.Linear.forward or lin.weight.requires_grad:
+    if type(lin).forward is not nn.Linear.forward or "forward" in lin.__dict__ or lin.weight.requires_grad:
+        return None
+    if lin._forward_hooks or lin._forward_pre_hooks or _GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1]:
         return None
     return lin if lin.bias is None or not lin.bias.requires_grad else None
+
+
+_GLOBAL_HOOKS = (torch.nn.modules.module._global_forward_hooks, torch.nn.modules.module._global_forward_pre_hooks)
 
 
 def _rank_space(
