@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU check for one CUDA GPU (written for an H200), no network, nothing to download: about 5 minutes;
-# the time limits below add up to 9 minutes 10 (the tests get 200 s: Triton compiles each kernel variant once).
+# the time limits below add up to 9 minutes 30 (the tests get 230 s: Triton compiles each kernel variant once).
 #
 #   bash benchmarks/gpu_check.sh            # from the repository root; results in $OUT (default ./gpu_out)
 #
@@ -8,7 +8,8 @@
 # (CUDA), transformers, peft and triton, and pytest for step 1; the repository is put
 # on PYTHONPATH. Nothing else of the package's dependencies is needed (no bundled data, no plots).
 #  1. the Triton kernels against the PyTorch reference (tests/test_kernels.py), dropout inside the gate against
-#     F.dropout on CUDA (tests/test_dropout.py), and the benchmark's tests;
+#     F.dropout on CUDA (tests/test_dropout.py), the benchmark's tests, and a gated training step that makes
+#     no host sync (tests/test_cuda_sync.py: torch.cuda.set_sync_debug_mode("error"), Triton and PyTorch paths);
 #  2. the GPU benchmark with the PyTorch path for the TS rows (TSPEFT_KERNELS=0): bench_gpu_pytorch.{json,txt};
 #  3. the GPU benchmark with the automatic choice (Triton kernels when they import): bench_gpu.{json,txt}.
 # Each step has its own time limit; a failed step is reported and the next one still runs.
@@ -63,10 +64,11 @@ if ! "$PY" -c "import pytest" 2>/dev/null; then
   echo "== tests: pytest is not importable: the kernel and dropout tests cannot run (pure Python: put it on PYTHONPATH)"
   status=1
 fi
-step tests 200 "$PY" -m pytest tests/test_kernels.py tests/test_dropout.py tests/test_bench.py -q -p no:cacheprovider -x
-TSPEFT_KERNELS=0 step bench_pytorch 175 "$PY" benchmarks/step.py --device cuda --preset llama8b-4layers \
+step tests 230 "$PY" -m pytest tests/test_kernels.py tests/test_dropout.py tests/test_bench.py tests/test_cuda_sync.py \
+  -q -p no:cacheprovider -x
+TSPEFT_KERNELS=0 step bench_pytorch 170 "$PY" benchmarks/step.py --device cuda --preset llama8b-4layers \
   --json "$OUT/bench_gpu_pytorch.json" --table "$OUT/bench_gpu_pytorch.txt"
-step bench 175 "$PY" benchmarks/step.py --device cuda --preset llama8b-4layers \
+step bench 170 "$PY" benchmarks/step.py --device cuda --preset llama8b-4layers \
   --json "$OUT/bench_gpu.json" --table "$OUT/bench_gpu.txt"
 
 echo "results in $OUT:"
