@@ -93,12 +93,16 @@ def test_benchmark_memory_follows_recompute_z():
     assert ts["all"]["mem_ratio_to_dense"] < ts["auto"]["mem_ratio_to_dense"] <= 1.0 < ts["none"]["mem_ratio_to_dense"]
 
 
-def test_recompute_comparison_pairs_the_policies(tmp_path, capsys):
-    out = tmp_path / "recompute.json"
+def _side_comparison(main, tmp_path, capsys) -> tuple[list[dict], str]:
+    """Run a side comparison's command line on the tiny preset; return (its JSON rows, its printed table)."""
+    out = tmp_path / "rows.json"
     argv = ["--preset", "tiny", "--repeats", "2", "--warmup", "0", "--threads", "1", "--json", str(out)]
-    assert bench.recompute_main(argv) == 0
-    printed = capsys.readouterr().out
-    rows = json.loads(out.read_text())
+    assert main(argv) == 0
+    return json.loads(out.read_text()), capsys.readouterr().out
+
+
+def test_recompute_comparison_pairs_the_policies(tmp_path, capsys):
+    rows, printed = _side_comparison(bench.recompute_main, tmp_path, capsys)
     assert [r["recompute_z"] for r in rows] == [None, "none", "auto", "all"]
     assert rows[0]["name"] == "peft LoRA" and all(r["name"] in printed for r in rows)
     assert rows[1]["ratio_to_first"] == 1.0 and len(rows[2]["ms_runs"]) == 2
@@ -107,6 +111,52 @@ def test_recompute_comparison_pairs_the_policies(tmp_path, capsys):
     assert rows[2]["mem_ratio_to_dense"] <= 1.0 < rows[1]["mem_ratio_to_dense"]
     with pytest.raises(SystemExit):
         bench.recompute_main(["--policies", "some"])
+
+
+@pytest.mark.parametrize("method", ["lora", "adalora", "adapter"])
+def test_gate_bypassed_applies_the_update_to_every_token_and_restores_the_gate(method):
+    """Inside gate_bypassed the gated model computes what its gate computes at threshold 0 (every token
+    active), against peft's dense layer too, with a zero threshold gradient; the gate is back afterwards."""
+    from tspeft import lowrank
+
+    originals = lowrank._rank_forward, lowrank._rank_backward, lowrank._base_norm
+    dense = with_adapter(tiny_llama(), "llama", method, dropout=0.0)
+    gated = tspeft.enable(copy.deepcopy(dense), tspeft.TSConfig(lam=1e-3))
+    b = batch("llama")
+
+    def step(model):
+        model.zero_grad(set_to_none=True)
+        loss = model(**b).loss
+        loss.backward()
+        grads = {n.replace("base_model.model.", ""): p.grad.clone() for n, p in model.named_parameters()
+                 if p.grad is not None and "ts_threshold" not in n}
+        taus = {n: p.grad.clone() for n, p in model.named_parameters() if "ts_threshold" in n and p.grad is not None}
+        return loss.detach(), grads, taus
+
+    loss_gate, grads_gate, taus_gate = step(gated)
+    with bench.gate_bypassed():
+        loss_free, grads_free, taus_free = step(gated)
+    loss_dense, grads_dense, _ = step(dense)
+    assert (lowrank._rank_forward, lowrank._rank_backward, lowrank._base_norm) == originals
+    torch.testing.assert_close(loss_free, loss_gate)
+    torch.testing.assert_close(loss_free, loss_dense)
+    for name, g in grads_dense.items():
+        torch.testing.assert_close(grads_free[name], g, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(grads_gate[name], g, rtol=1e-4, atol=1e-6)
+    assert taus_free and all(float(t.abs().max()) == 0.0 for t in taus_free.values())
+    assert any(float(t.abs().max()) > 0.0 for t in taus_gate.values())  # the gate's own g_k, which the bypass skips
+
+
+def test_gate_cost_comparison_pairs_gated_bypassed_and_dense(tmp_path, capsys):
+    rows, printed = _side_comparison(bench.gate_cost_main, tmp_path, capsys)
+    assert [r["name"] for r in rows] == ["peft LoRA", "TS-LoRA tau=0, gate bypassed", "TS-LoRA tau=0"]
+    assert all(r["name"] in printed for r in rows) and "x bypassed" in printed
+    assert rows[0]["ratio_to_dense"] is None and rows[1]["ratio_to_dense"] > 0 and rows[2]["ratio_to_bypassed"] > 0
+    assert rows[1]["ratio_to_bypassed"] is None and len(rows[2]["ms_runs"]) == 2
+    with pytest.raises(ValueError, match="rank-space"):
+        bench.compare_gate_cost("tiny", kind="dora", repeats=1)
+    with pytest.raises(SystemExit):
+        bench.gate_cost_main(["--kind", "dora"])
 
 
 def test_paired_ratio_and_its_bootstrap_interval():

@@ -28,11 +28,12 @@ has the measured tables.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import statistics
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -186,14 +187,16 @@ def _preset(preset: str | Preset, dropout: float | None) -> tuple[Preset, str]:
 
 
 def _timed_rounds(models: list[Callable[[], nn.Module]], batch: Batch, device: str, warmup: int,
-                  repeats: int) -> list[tuple[list[float], list[float]]]:
+                  repeats: int, contexts: list[Callable[[], Any]] | None = None) -> list[tuple[list[float], list[float]]]:
     """Return (ms, cpu ms) per timed round for each model: every round steps each model once, in alternating
-    order (no model always follows another), after `warmup` untimed rounds. `models` give the model to step."""
+    order (no model always follows another), after `warmup` untimed rounds. `models` give the model to step;
+    `contexts`, if given, one context manager factory per model, entered around each of its steps."""
     out: list[tuple[list[float], list[float]]] = [([], []) for _ in models]
     order = list(range(len(models)))
     for rep in range(warmup + repeats):
         for i in order if rep % 2 == 0 else order[::-1]:
-            ms, cpu_ms = timed_step(models[i](), batch, device)
+            with contexts[i]() if contexts is not None else contextlib.nullcontext():
+                ms, cpu_ms = timed_step(models[i](), batch, device)
             if rep >= warmup:
                 out[i][0].append(ms)
                 out[i][1].append(cpu_ms)
@@ -300,19 +303,113 @@ def compare_recompute(
     return out
 
 
+@contextlib.contextmanager
+def gate_bypassed() -> Iterator[None]:
+    """Within the block, the rank-space gates (LoRA, AdaLoRA, parallel adapter) skip their own work.
+
+    No base or update norm, mask, statistics, mu or g_k: every token gets the update, and what remains is
+    the fused update itself (``z = A x``, the update added into the frozen output in place, x's gradient
+    through W0 and A in one buffer). A gated model stepped inside the block against the same model outside
+    it measures what the gate costs; the threshold gets a zero gradient. For measuring only: the outputs
+    equal the gate's at threshold 0.
+    """
+    from . import lowrank
+
+    saved = lowrank._rank_forward, lowrank._rank_backward, lowrank._base_norm
+
+    def rank_forward(z2, B, c, base_norm, threshold, real, stats):
+        return z2 * c, None
+
+    def rank_backward(gB, z2, mask, real, c, lam, lam_factor, need):
+        need_gz, need_zw, need_tau, _ = need
+        return (gB * c if need_gz else None, z2 * c if need_zw else None,
+                gB.new_zeros((), dtype=torch.float32) if need_tau else None, None)
+
+    lowrank._rank_forward, lowrank._rank_backward = rank_forward, rank_backward
+    lowrank._base_norm = lambda base2, bias, acc: None
+    try:
+        yield
+    finally:
+        lowrank._rank_forward, lowrank._rank_backward, lowrank._base_norm = saved
+
+
+GATE_COST_KINDS = ("lora", "adalora", "adapter")  # rank-space gates; DoRA's gate is part of its own fused update
+
+
+def compare_gate_cost(
+    preset: str | Preset = "cpu",
+    device: str = "cpu",
+    *,
+    kind: str = "lora",
+    repeats: int = 40,
+    warmup: int = 2,
+    dropout: float | None = None,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Return three rows timed in the same rounds: dense `kind`, TS-`kind` at tau = 0 with its gate bypassed
+    (:func:`gate_bypassed`: the fused update alone) and TS-`kind` at tau = 0, with memory.
+
+    ``ratio_to_bypassed`` of the TS row is what the gate itself costs; ``ratio_to_dense`` of the bypassed row
+    is what the fused update saves or costs against peft's. Rows: name, ms, ratio_to_dense (+ ci95),
+    ratio_to_bypassed (+ ci95), peak_mib, mem_ratio_to_dense, saved_mib.
+    """
+    if kind not in GATE_COST_KINDS:
+        raise ValueError(f"kind must be one of {GATE_COST_KINDS} (rank-space gates), got {kind!r}")
+    p, preset_name = _preset(preset, dropout)
+    base = build_base(p, device, seed)
+    batch = make_batch(base, p, device, seed)
+    models = {"dense": build_variant(base, kind, p, ts=False, lam=1e-5, seed=seed),
+              "bypassed": build_variant(base, kind, p, ts=True, lam=1e-5, seed=seed),
+              "gated": build_variant(base, kind, p, ts=True, lam=1e-5, seed=seed)}
+    names = list(models)
+    contexts = [gate_bypassed if n == "bypassed" else contextlib.nullcontext for n in names]
+    rounds = _timed_rounds([lambda m=models[n]: m for n in names], batch, device, warmup, repeats, contexts)
+    times = {n: t for n, (t, _) in zip(names, rounds)}
+    memory = {}
+    for n, ctx in zip(names, contexts):
+        with ctx():
+            memory[n] = memory_step(models[n], batch, device)
+    labels = {"dense": DENSE_NAMES[kind], "bypassed": f"TS-{LABELS[kind]} tau=0, gate bypassed",
+              "gated": f"TS-{LABELS[kind]} tau=0"}
+    out = []
+    for n in names:
+        dense = n == "dense"
+        out.append({
+            "name": labels[n], "ms": statistics.median(times[n]), "ms_runs": times[n],
+            "ratio_to_dense": None if dense else paired_ratio(times[n], times["dense"]),
+            "ratio_to_dense_ci95": None if dense else paired_ratio_ci(times[n], times["dense"]),
+            "ratio_to_bypassed": paired_ratio(times[n], times["bypassed"]) if n == "gated" else None,
+            "ratio_to_bypassed_ci95": paired_ratio_ci(times[n], times["bypassed"]) if n == "gated" else None,
+            "peak_mib": memory[n]["peak_mib"], "saved_mib": memory[n]["saved_mib"],
+            "mem_ratio_to_dense": None if dense else memory[n]["peak_mib"] / memory["dense"]["peak_mib"],
+            "preset": preset_name, "device": device, "repeats": repeats,
+            "dropout": p.dropout, "threads": torch.get_num_threads(),
+        })
+    return out
+
+
+def format_gate_cost_table(rows: list[dict[str, Any]]) -> str:
+    """Return the printed table of :func:`compare_gate_cost`."""
+    return _comparison_table(rows, "gate cost", "ratio_to_bypassed", "bypassed")
+
+
 def format_recompute_table(rows: list[dict[str, Any]]) -> str:
     """Return the printed table of :func:`compare_recompute`."""
+    return _comparison_table(rows, "recompute_z", "ratio_to_first", rows[1]["recompute_z"])
+
+
+def _comparison_table(rows: list[dict[str, Any]], what: str, second: str, second_label: str) -> str:
+    """Return a side comparison's table: x dense and a second paired ratio (key `second`), each with its interval."""
     r0 = rows[0]
-    first = rows[1]["recompute_z"]
-    header = ["row", "ms", "x dense", "95% CI", f"x {first}", "95% CI", "peak MiB", "mem x dense", "saved MiB"]
 
     def ci(v: list[float] | None) -> str:
         return "-" if v is None else f"{v[0]:.3f}-{v[1]:.3f}"
 
+    header = ["row", "ms", "x dense", "95% CI", f"x {second_label}", "95% CI", "peak MiB", "mem x dense", "saved MiB"]
     lines = [[r["name"], _fmt(r["ms"], ".1f"), _fmt(r["ratio_to_dense"], ".3f"), ci(r["ratio_to_dense_ci95"]),
-              _fmt(r["ratio_to_first"], ".3f"), ci(r["ratio_to_first_ci95"]), _fmt(r["peak_mib"], ".1f"),
+              _fmt(r[second], ".3f"), ci(r[f"{second}_ci95"]), _fmt(r["peak_mib"], ".1f"),
               _fmt(r["mem_ratio_to_dense"], ".4f"), _fmt(r["saved_mib"], ".1f")] for r in rows]
-    title = (f"recompute_z: preset {r0['preset']}, device {r0['device']}, dropout {r0['dropout']}, "
+    title = (f"{what}: preset {r0['preset']}, device {r0['device']}, dropout {r0['dropout']}, "
              f"{r0['threads']} threads, median of {r0['repeats']} rounds (every row once per round, alternating order)")
     return "\n".join([title, "", *_markdown(header, lines)])
 
@@ -445,36 +542,63 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def recompute_main(argv: list[str] | None = None) -> int:
-    """Compare the ``TSConfig.recompute_z`` policies of one TS row in one run; print the table."""
-    ap = argparse.ArgumentParser(prog="python benchmarks/recompute.py", description=compare_recompute.__doc__.splitlines()[0])
+def _comparison_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """Return the parser of a side comparison (recompute, gate cost) with the options they share."""
+    ap = argparse.ArgumentParser(prog=prog, description=description)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--kind", choices=("lora", "adalora"), default="lora")
-    ap.add_argument("--policies", default="none,auto,all", help="comma-separated; ratios are also given to the first")
     ap.add_argument("--repeats", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--dropout", type=float, default=None, help="adapter dropout instead of the preset's")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
     ap.add_argument("--json", default=None, help="write the rows as a JSON list to this file")
+    return ap
+
+
+def _run_comparison(ap: argparse.ArgumentParser, a: argparse.Namespace, compute: Callable[[], list[dict[str, Any]]],
+                    fmt: Callable[[list[dict[str, Any]]], str]) -> int:
+    """Run a side comparison with --threads applied, print its table, write --json; return the exit code."""
+    if a.repeats < 1 or a.warmup < 0:
+        ap.error(f"--repeats must be >= 1 and --warmup >= 0, got {a.repeats} and {a.warmup}")
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error("--device cuda but torch.cuda.is_available() is False")
+    threads = torch.get_num_threads()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    try:
+        rows = compute()
+    finally:
+        torch.set_num_threads(threads)
+    print(fmt(rows))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+def recompute_main(argv: list[str] | None = None) -> int:
+    """Compare the ``TSConfig.recompute_z`` policies of one TS row in one run; print the table."""
+    ap = _comparison_parser("python benchmarks/recompute.py", compare_recompute.__doc__.splitlines()[0])
+    ap.add_argument("--kind", choices=("lora", "adalora"), default="lora")
+    ap.add_argument("--policies", default="none,auto,all", help="comma-separated; ratios are also given to the first")
     a = ap.parse_args(argv)
     policies = tuple(x for x in a.policies.split(",") if x)
     bad = [x for x in policies if x not in RECOMPUTE]
     if bad or not policies:
         ap.error(f"unknown policies {bad}; choose from {','.join(RECOMPUTE)}")
-    threads = torch.get_num_threads()
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    try:
-        rows = compare_recompute(a.preset, a.device, kind=a.kind, policies=policies, repeats=a.repeats,
-                                 warmup=a.warmup, dropout=a.dropout)
-    finally:
-        torch.set_num_threads(threads)
-    print(format_recompute_table(rows))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
-    return 0
+    return _run_comparison(ap, a, lambda: compare_recompute(a.preset, a.device, kind=a.kind, policies=policies,
+                                                             repeats=a.repeats, warmup=a.warmup, dropout=a.dropout),
+                           format_recompute_table)
+
+
+def gate_cost_main(argv: list[str] | None = None) -> int:
+    """Time TS-`kind` with its gate and with the gate bypassed against dense `kind`, in one run; print the table."""
+    ap = _comparison_parser("python benchmarks/gate_cost.py", compare_gate_cost.__doc__.splitlines()[0])
+    ap.add_argument("--kind", choices=GATE_COST_KINDS, default="lora")
+    a = ap.parse_args(argv)
+    return _run_comparison(ap, a, lambda: compare_gate_cost(a.preset, a.device, kind=a.kind, repeats=a.repeats,
+                                                             warmup=a.warmup, dropout=a.dropout),
+                           format_gate_cost_table)
 
 
 if __name__ == "__main__":
