@@ -73,6 +73,10 @@ def test_sweep_writes_table4_and_figure2_and_resumes(source_run, tmp_path, monke
     monkeypatch.setattr(sweep_module, "train", _refuse)
     again = sweep(source_run, out, fraction=0.5, fractions=[0.5, 1.0], strategies=["s_low", "s_high"], seeds=[0])
     assert again["table4"] == result["table4"] and again["figure2"] == result["figure2"]
+    # the same folder spelt another way (relative, trailing slash) holds the same runs: reused, not retrained
+    monkeypatch.chdir(tmp_path)
+    relative = sweep(source_run, "sweep/", fraction=0.5, fractions=[0.5, 1.0], strategies=["s_low", "s_high"], seeds=[0])
+    assert [e["score"] for e in relative["table4"]] == [e["score"] for e in result["table4"]]
     # the command line reaches the same runs
     from tspeft.cli import main as cli
 

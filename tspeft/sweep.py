@@ -72,10 +72,11 @@ def cached_record(cfg: RunConfig) -> dict[str, Any] | None:
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None  # an unreadable result counts as unfinished: train again
     try:  # through RunConfig: a run saved before a setting existed has that setting's default
-        saved = dataclasses.asdict(RunConfig.from_dict(record.get("config") or {}))
+        saved = RunConfig.from_dict(record.get("config") or {})
     except (TypeError, ValueError):
         return None
-    return record if saved == dataclasses.asdict(cfg) else None
+    # the folder is the one found above: how its path was spelt (relative, absolute, a trailing slash) is no setting
+    return record if config_key(saved) == config_key(cfg) else None
 
 
 def run_or_reuse(cfg: RunConfig, tag: str = "") -> tuple[dict[str, Any], float | None]:
