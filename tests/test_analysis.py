@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from tspeft.analysis import (
@@ -351,6 +352,41 @@ def test_half_rank_matches_budget(run, tmp_path: Path) -> None:
     achieved = sum(rank * sum(WIDTH[name.rsplit(".", 1)[1]]) for name, rank in sel.rank_pattern.items())
     assert achieved == sel.params and abs(achieved - budget) / budget < 0.01
     assert set(sel.rank_pattern.values()) == {2, 3} and "budget" in sel.note
+
+
+def test_half_rank_keeps_doras_magnitudes_out_of_the_per_rank_count(tmp_path: Path) -> None:
+    """DoRA's magnitude vector (d_out per module) is there at any rank: halving every rank overshoots the budget
+    (the magnitudes are not halved), so ranks are taken back until the total, counted as peft counts it, is
+    nearest the budget. The size comes from run.json, or for older runs from the saved adapter."""
+    from safetensors.torch import save_file
+
+    meta = synthetic_meta()
+    meta["method"] = "dora"
+    meta["config"]["method"] = "dora"
+    meta["modules"] = {}
+    for layer in range(4):
+        for mtype, (d_in, d_out) in WIDTH.items():
+            meta["modules"][full(layer, mtype)] = {"sparsity": 0.5, "rank": 8, "params": 8 * (d_in + d_out) + d_out,
+                                                   "fixed_params": d_out}
+    recorded = load_run(write_run(tmp_path / "recorded", meta))
+    sel = select_modules(recorded, "half_rank", 0.5)
+    budget = 0.5 * sum(m.params for m in recorded.modules.values())
+
+    def peft_count(pattern: dict[str, int]) -> int:  # r (d_in + d_out) for A and B, d_out for the magnitude
+        return sum(r * sum(WIDTH[n.rsplit(".", 1)[1]]) + WIDTH[n.rsplit(".", 1)[1]][1] for n, r in pattern.items())
+
+    assert peft_count(sel.rank_pattern) == sel.params and abs(sel.params - budget) / budget < 0.01
+    assert peft_count(dict.fromkeys(sel.rank_pattern, 4)) > 1.03 * budget  # what halving every rank gives: 4% over
+    # a run.json written before fixed_params existed: read from the adapter's magnitude vectors
+    for stats in meta["modules"].values():
+        del stats["fixed_params"]
+    older = write_run(tmp_path / "older", meta)
+    with pytest.raises(ValueError, match="magnitude vectors' size"):
+        select_modules(load_run(older), "half_rank", 0.5)
+    (older / "adapter").mkdir()
+    save_file({f"{name}.lora_magnitude_vector": torch.ones(WIDTH[name.rsplit(".", 1)[1]][1]) for name in meta["modules"]},
+              str(older / "adapter" / "adapter_model.safetensors"))
+    assert select_modules(load_run(older), "half_rank", 0.5).rank_pattern == sel.rank_pattern
 
 
 def test_selection_errors(run, tmp_path: Path) -> None:

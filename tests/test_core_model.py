@@ -296,3 +296,15 @@ def test_recompute_z_skips_dora_and_rejects_unknown_policies():
     assert all(m._ts_keep_z for m in tspeft.gated_modules(model).values())
     with pytest.raises(ValueError, match="recompute_z must be one of"):
         tspeft.TSConfig(recompute_z="some")
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_module_stats_count_the_parameters_that_do_not_scale_with_rank(method):
+    """params = r (d_in + d_out) [+ d_out for DoRA's magnitude]; fixed_params is that magnitude (half_rank's budget)."""
+    model = tspeft.enable(with_adapter(tiny_llama(), "llama", method, r=4), tspeft.TSConfig())
+    model(**batch("llama"))
+    for name, stats in tspeft.module_stats(model).items():
+        base = dict(model.named_modules())[name].get_base_layer()
+        d_out, d_in = base.weight.shape
+        fixed = d_out if method == "dora" else 0
+        assert stats["fixed_params"] == fixed and stats["params"] == 4 * (d_in + d_out) + fixed

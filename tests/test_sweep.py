@@ -182,7 +182,8 @@ def fake_train(cfg: RunConfig, overwrite: bool = False) -> dict:
         sparsity = (1.0 if i % 2 else 0.0) if polar else 0.4 + 0.02 * (i % 5)
         modules["base_model.model." + name] = {
             "sparsity": sparsity if cfg.selective else None, "threshold": 0.1 if cfg.selective else None,
-            "ratio_mean": 0.1 + 0.01 * i, "delta_norm_mean": 1.0 + (i * 7) % 5, "rank": cfg.rank, "params": 64 * cfg.rank}
+            "ratio_mean": 0.1 + 0.01 * i, "delta_norm_mean": 1.0 + (i * 7) % 5, "rank": cfg.rank,
+            "params": 64 * cfg.rank + 16 * polar, "fixed_params": 16 * polar}  # as training writes: DoRA's magnitude
     score = 70.0 + (digest % 200) / 10
     record = {"task": cfg.task, "model": cfg.model, "method": cfg.method, "selective": cfg.selective,
               "seed": cfg.seed, "label": cfg.label, "metric": "accuracy", "score": score, "metrics": {"accuracy": score},

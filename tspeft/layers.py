@@ -200,3 +200,12 @@ def layer_rank(layer: nn.Module) -> int:
 def adapter_param_count(layer: nn.Module) -> int:
     """Return the trainable parameter count of an adapter layer, threshold excluded."""
     return sum(p.numel() for n, p in layer.named_parameters() if p.requires_grad and not n.endswith("ts_threshold"))
+
+
+FIXED_PARAMS = "lora_magnitude_vector"
+"""Trainable parameters of a LoRA layer whose size does not depend on the rank: DoRA's magnitudes (d_out)."""
+
+
+def fixed_param_count(layer: nn.Module) -> int:
+    """Return the trainable parameters of an adapter layer that do not scale with its rank (DoRA's magnitude)."""
+    return sum(p.numel() for n, p in layer.named_parameters() if p.requires_grad and FIXED_PARAMS in n)

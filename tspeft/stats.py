@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from .layers import adapter_param_count, layer_rank
+from .layers import adapter_param_count, fixed_param_count, layer_rank
 from .model import STATS, THRESHOLD, gated_modules
 
 
@@ -68,7 +68,8 @@ def thresholds(model: nn.Module) -> dict[str, float]:
 
 def module_stats(model: nn.Module) -> dict[str, dict[str, float | int | None]]:
     """Return per module: sparsity, threshold, mean ratio ||M(x)||/||W0 x|| (norm_relative), mean ||M(x)||
-    (norm_abs), active and real token counts, current rank and trainable parameter count."""
+    (norm_abs), active and real token counts, current rank, trainable parameter count and, of it, the
+    parameters that do not scale with the rank (DoRA's magnitude vector; 0 otherwise)."""
     names, mods, t = _collect(model)
     taus = thresholds(model)
     out: dict[str, dict[str, float | int | None]] = {}
@@ -84,6 +85,7 @@ def module_stats(model: nn.Module) -> dict[str, dict[str, float | int | None]]:
             "tokens": int(real),
             "rank": rank,
             "params": adapter_param_count(mod),
+            "fixed_params": fixed_param_count(mod),  # of params, those that do not scale with the rank
         }
     return out
 

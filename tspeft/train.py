@@ -434,10 +434,10 @@ def _dense_module_stats(model: nn.Module) -> dict[str, Any]:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     from .adapter import ParallelAdapter
-    from .layers import adapter_param_count
+    from .layers import adapter_param_count, fixed_param_count
 
     return {n: {"sparsity": None, "threshold": None, "ratio_mean": None, "delta_norm_mean": None,
-                "rank": None, "params": adapter_param_count(m)}
+                "rank": None, "params": adapter_param_count(m), "fixed_params": fixed_param_count(m)}
             for n, m in model.named_modules() if isinstance(m, (BaseTunerLayer, ParallelAdapter))}
 
 

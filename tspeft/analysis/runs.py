@@ -41,6 +41,7 @@ class ModuleStats:
     delta_norm_mean: float | None  # mean ||delta||
     rank: int | None
     params: int
+    fixed_params: int | None = None  # of params, those that do not scale with the rank (DoRA); None: not recorded
 
 
 @dataclass
@@ -198,6 +199,7 @@ def _module_stats(name: str, stats: Any, where: object) -> ModuleStats:
         delta_norm_mean=num("delta_norm_mean"),
         rank=None if rank is None else int(rank),
         params=int(stats.get("params") or 0),
+        fixed_params=None if stats.get("fixed_params") is None else int(stats["fixed_params"]),
     )
 
 

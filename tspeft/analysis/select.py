@@ -138,15 +138,22 @@ def _half_rank(run: Run, names: list[str], fraction: float) -> Selection:
             f"{run.name} is a {run.method} run"
         )
     base = {n: _base_rank(run, n) for n in names}
-    per_rank = {n: run.modules[n].params / base[n] for n in names}  # LoRA: d_in + d_out per unit of rank
+    fixed = _fixed_params(run, names)  # DoRA's magnitudes (d_out per module): there at any rank
+    per_rank = {n: (run.modules[n].params - fixed[n]) / base[n] for n in names}  # d_in + d_out per unit of rank
     budget = fraction * sum(run.modules[n].params for n in names)
     ranks = {n: max(1, math.floor(fraction * base[n])) for n in names}
-    total = sum(ranks[n] * per_rank[n] for n in names)
-    # Hand out single ranks, largest rounding loss first, while each one brings the total closer to budget.
-    for n in sorted(names, key=lambda n: -(fraction * base[n] - ranks[n])):
-        if ranks[n] < base[n] and abs(total + per_rank[n] - budget) < abs(total - budget):
-            ranks[n] += 1
-            total += per_rank[n]
+    total = sum(ranks[n] * per_rank[n] + fixed[n] for n in names)
+    # Hand out single ranks (or, above the budget, take them back: DoRA's magnitudes stay at any rank), largest
+    # rounding loss first, while each one brings the total closer to the budget.
+    moved = True
+    while moved:
+        moved = False
+        for n in sorted(names, key=lambda n: -(fraction * base[n] - ranks[n])):
+            step = 1 if total < budget else -1
+            if 1 <= ranks[n] + step <= base[n] and abs(total + step * per_rank[n] - budget) < abs(total - budget):
+                ranks[n] += step
+                total += step * per_rank[n]
+                moved = True
     error = (total - budget) / budget if budget else 0.0
     rank = Counter(ranks.values()).most_common(1)[0][0]
     note = (
@@ -157,6 +164,34 @@ def _half_rank(run: Run, names: list[str], fraction: float) -> Selection:
         note += "; integer ranks cannot match the budget within 1% for this run"
     pattern = {strip_prefix(n): ranks[n] for n in names}
     return Selection("half_rank", float(fraction), list(pattern), pattern, rank, round(total), note)
+
+
+def _fixed_params(run: Run, names: list[str]) -> dict[str, int]:
+    """Return per module the trainable parameters that do not scale with the rank: DoRA's magnitude vector.
+
+    run.json records them (``fixed_params``); for a DoRA run saved before it did, they are read from the
+    shapes in the run's saved adapter. LoRA has none.
+    """
+    if run.method != "dora":
+        return dict.fromkeys(names, 0)
+    recorded = {n: run.modules[n].fixed_params for n in names}
+    if all(v is not None for v in recorded.values()):
+        return {n: int(v) for n, v in recorded.items()}
+    path = None if run.path is None else run.path / "adapter" / "adapter_model.safetensors"
+    if path is None or not path.is_file():
+        raise ValueError(
+            f"{run.name} is a DoRA run whose run.json does not record the magnitude vectors' size (fixed_params) "
+            f"and has no saved adapter ({path}) to read it from; half_rank needs it to match the parameter budget"
+        )
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys() if "lora_magnitude_vector" in k}
+    sizes = {strip_prefix(k.split(".lora_magnitude_vector")[0]): int(np.prod(v)) for k, v in shapes.items()}
+    missing = [n for n in names if strip_prefix(n) not in sizes]
+    if missing:
+        raise ValueError(f"{path} has no DoRA magnitude vector for {missing[:3]}; half_rank needs their size")
+    return {n: sizes[strip_prefix(n)] for n in names}
 
 
 def _base_rank(run: Run, name: str) -> int:
