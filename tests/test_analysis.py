@@ -566,3 +566,23 @@ def test_report_counts_a_run_once_and_warns_when_a_cell_pools_different_settings
     assert md.count("| a |") == 1 and "Warning" not in md
     md = (write_report([a, b], tmp_path / "two").parent / "report.md").read_text()
     assert "Warning: TS-LoRA on boolq pools runs whose settings differ in rank" in md
+
+
+def test_report_warns_about_run_folders_without_run_json(tmp_path: Path, capsys) -> None:
+    """A folder with a training log but no run.json (a run still going, or stopped) is left out, and says so."""
+    write_run(tmp_path / "runs" / "a", synthetic_meta(seed=0))
+    write_run(tmp_path / "runs" / "b", synthetic_meta(seed=1))
+    stopped = tmp_path / "runs" / "c"
+    stopped.mkdir()
+    (stopped / "log.jsonl").write_text('{"step": 1, "loss": 0.7}\n')
+    md = (write_report([tmp_path / "runs"], tmp_path / "out").parent / "report.md").read_text()
+    assert "Warning: 1 folder(s) hold a training log but no run.json" in md and str(stopped) in md
+    assert "no run.json" in capsys.readouterr().err
+
+
+def test_analyze_refuses_a_dense_run_before_writing_anything(tmp_path: Path) -> None:
+    from tspeft.cli import main
+
+    dense = write_run(tmp_path / "dense", synthetic_meta(selective=False))
+    assert main(["analyze", str(dense)]) == 2  # "is a dense run", printed as the command's error
+    assert not (dense / "analysis").exists()

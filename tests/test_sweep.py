@@ -266,3 +266,16 @@ def test_reproduce_shards_share_the_runs(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="K/N"):
         reproduce.main([*base, "--shard", "2/2"])
 
+
+
+def test_sweep_offers_no_flags_its_dense_points_would_ignore(capsys):
+    """The points train the selected modules densely: --targets (target_modules wins) and the threshold
+    settings would be recorded, ignored, and force a retrain of every finished point."""
+    from tspeft.cli import main as cli
+
+    with pytest.raises(SystemExit):
+        cli(["sweep", "--help"])
+    text = capsys.readouterr().out
+    assert "--fraction" in text
+    for flag in ("--targets", "--follow-schedule", "--lam", "--rule"):
+        assert flag not in text

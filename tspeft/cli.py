@@ -222,9 +222,9 @@ def cmd_analyze(ns: argparse.Namespace) -> int:
     )
 
     run = load_run(ns.run_dir)
+    table = sparsity_table(run)  # first: a run it cannot analyse (a dense one) gets its error before any folder
     out = Path(ns.output or ns.run_dir) / "analysis"
     out.mkdir(parents=True, exist_ok=True)
-    table = sparsity_table(run)
     print(table.to_text())
     (out / "sparsity.md").write_text(table.to_markdown() + "\n")
     table.to_csv(out / "sparsity.csv")
@@ -344,8 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Figure 2 fractions (default: 0.1 ... 1.0; none to skip)")
     p.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds per point (random uses 3 draws)")
-    _add_run_flags(p, skip=("selective", "output_dir", "target_modules", "rank_pattern", "seed", "task", "model",
-                            "resume", "lam", "s", "rule"), source_run=True)  # the points are dense, fresh runs
+    # the points are dense, fresh runs of the selected modules: no threshold settings, no --targets
+    _add_run_flags(p, skip=("selective", "output_dir", "target_modules", "targets", "rank_pattern", "seed", "task",
+                            "model", "resume", "lam", "s", "rule", "follow_schedule"), source_run=True)
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("report", help=cmd_report.__doc__, description=cmd_report.__doc__, formatter_class=fmt)

@@ -75,7 +75,8 @@ def threshold_trajectories(run: Run, path: str | Path, modules: Sequence[str] | 
         right.set_ylabel("threshold τ")
     title = run.name if series else f"{run.name} (dense run: no thresholds)"
     ax.set_title(title, fontsize=10)
-    ax.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="best")
+    # on the top axes (the twin, when there is one), so that the threshold lines are not drawn over the box
+    (right if series else ax).legend(lines, [line.get_label() for line in lines], fontsize=8, loc="best", framealpha=0.9)
     return _save(fig, path)
 
 
@@ -167,7 +168,7 @@ def ablation_plot(
             fontsize=9,
         )
         ax.set_xlabel("step")
-        ax.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="best")
+        right.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="best", framealpha=0.9)  # on top
     axes[0].set_ylabel("loss", color=LOSS_COLOR)
     rights[1].set_ylabel("threshold τ")
     top = max(r.get_ylim()[1] for r in rights)

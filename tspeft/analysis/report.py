@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import sys
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -42,8 +43,14 @@ def write_report(run_dirs: Iterable[str | Path], out_dir: str | Path, title: str
     """Returns the path of ``report.html`` written to ``out_dir`` (``report.md`` and its PNGs beside it)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    runs, sweeps = _collect(run_dirs)
+    runs, sweeps, unfinished = _collect(run_dirs)
     blocks = [Block("h1", title)]
+    if unfinished:  # left out: a comparison cell would average fewer seeds with no sign of it
+        names = ", ".join(str(p) for p in unfinished[:8]) + (", ..." if len(unfinished) > 8 else "")
+        warning = (f"Warning: {len(unfinished)} folder(s) hold a training log but no run.json (unfinished or "
+                   f"stopped runs) and are left out of every table: {names}")
+        print(warning, file=sys.stderr)
+        blocks.append(Block("p", warning))
     if runs:
         blocks += _overview(runs)
     for i, run in enumerate(runs, start=1):
@@ -89,15 +96,19 @@ def render_markdown(blocks: list[Block]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def _collect(run_dirs: Iterable[str | Path]) -> tuple[list[Run], list[tuple[Path, dict[str, Any]]]]:
+def _collect(run_dirs: Iterable[str | Path]) -> tuple[list[Run], list[tuple[Path, dict[str, Any]]], list[Path]]:
+    """Return (finished runs, sweeps, folders with a training log but no run.json) under `run_dirs`."""
     runs: list[Run] = []
     sweeps: list[tuple[Path, dict[str, Any]]] = []
+    unfinished: list[Path] = []
     for d in map(Path, run_dirs):
         if not d.is_dir():
             raise FileNotFoundError(
                 f"{d} is not a directory; pass run directories (with run.json) or their parent"
             )
         found = [d] if (d / "run.json").is_file() else sorted(p.parent for p in d.glob("*/run.json"))
+        if not (d / "run.json").is_file():
+            unfinished += sorted(p.parent for p in d.glob("*/log.jsonl") if not (p.parent / "run.json").is_file())
         runs += [load_run(p) for p in found if p.resolve() not in {r.path.resolve() for r in runs if r.path}]
         if (d / "sweep.json").is_file():
             sweeps.append((d, _read_sweep(d / "sweep.json")))
@@ -105,7 +116,7 @@ def _collect(run_dirs: Iterable[str | Path]) -> tuple[list[Run], list[tuple[Path
             raise FileNotFoundError(
                 f"{d} holds no run.json, no */run.json and no sweep.json; is it a run directory?"
             )
-    return runs, sweeps
+    return runs, sweeps, unfinished
 
 
 def _read_sweep(path: Path) -> dict[str, Any]:
