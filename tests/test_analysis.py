@@ -586,3 +586,15 @@ def test_analyze_refuses_a_dense_run_before_writing_anything(tmp_path: Path) -> 
     dense = write_run(tmp_path / "dense", synthetic_meta(selective=False))
     assert main(["analyze", str(dense)]) == 2  # "is a dense run", printed as the command's error
     assert not (dense / "analysis").exists()
+
+
+def test_report_tells_runs_with_the_same_folder_name_apart(tmp_path: Path, monkeypatch) -> None:
+    """Two sweeps' seed-0 runs share a folder name: the report names them by their paths; `report .` names the
+    folder, not an empty string."""
+    a = write_run(tmp_path / "tune" / "a" / "lora-ts-seed0", synthetic_meta(seed=0, score=80.0))
+    b = write_run(tmp_path / "tune" / "b" / "lora-ts-seed0", synthetic_meta(seed=0, score=70.0, rank=4))
+    md = (write_report([a, b], tmp_path / "out").parent / "report.md").read_text()
+    assert "| a/lora-ts-seed0 |" in md and "| b/lora-ts-seed0 |" in md
+    monkeypatch.chdir(a)
+    md = (write_report(["."], tmp_path / "dot").parent / "report.md").read_text()
+    assert "(lora-ts-seed0)" in md

@@ -323,27 +323,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(p, skip=("method", "selective", "seed", "output_dir"))
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("analyze", help=cmd_analyze.__doc__, description=cmd_analyze.__doc__, formatter_class=fmt)
+    p = sub.add_parser("analyze", help=cmd_analyze.__doc__, description=cmd_analyze.__doc__)
     p.add_argument("run_dir")
     p.add_argument("--output", default=None, help="where to write analysis/ (default: the run directory)")
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("select", help=cmd_select.__doc__, description=cmd_select.__doc__, formatter_class=fmt)
     p.add_argument("run_dir")
-    p.add_argument("--strategy", choices=STRATEGIES, default="s_low")
-    p.add_argument("--fraction", type=float, default=0.5)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--strategy", choices=STRATEGIES, default="s_low", help="how modules are ranked or chosen")
+    p.add_argument("--fraction", type=float, default=0.5, help="fraction of the modules (half_rank: of the parameters)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random strategy")
     p.add_argument("--json", default=None, help="also write the selection as a JSON config here")
     p.set_defaults(func=cmd_select)
 
     p = sub.add_parser("sweep", help=cmd_sweep.__doc__, description=cmd_sweep.__doc__)
     p.add_argument("run_dir", help="a token-selective run whose statistics drive the selection")
-    p.add_argument("--output", default="runs/sweep")
+    p.add_argument("--output", default="runs/sweep", help="the sweep's folder; rerunning reuses its finished points "
+                   "(default: runs/sweep)")
     p.add_argument("--fraction", type=float, default=0.5, help="Table 4 fraction (default: 0.5)")
     p.add_argument("--fractions", nargs="*", type=float, default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
                    help="Figure 2 fractions (default: 0.1 ... 1.0; none to skip)")
-    p.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
-    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds per point (random uses 3 draws)")
+    p.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES),
+                   help="Table 4 strategies (default: all six)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds per point (random uses 3 draws) (default: 0)")
     # the points are dense, fresh runs of the selected modules: no threshold settings, no --targets
     _add_run_flags(p, skip=("selective", "output_dir", "target_modules", "targets", "rank_pattern", "seed", "task",
                             "model", "resume", "lam", "s", "rule", "follow_schedule"), source_run=True)
@@ -351,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help=cmd_report.__doc__, description=cmd_report.__doc__, formatter_class=fmt)
     p.add_argument("run_dirs", nargs="+", help="run directories, or folders of them (a sweep.json is picked up)")
-    p.add_argument("--output", default="runs/report")
+    p.add_argument("--output", default="runs/report", help="folder for report.html, report.md and their PNGs, "
+                   "relative to the current directory")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("bench", help=cmd_bench.__doc__, description=cmd_bench.__doc__, add_help=False)

@@ -307,13 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=None, help="override the number of seeds (0..N-1)")
     p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS,
                    help="what to reproduce (Tables 1-3 runs are always made: the rest builds on them)")
-    p.add_argument("--runs", default=None, help="run directories (default: runs/reproduce-<mode>)")
+    p.add_argument("--runs", default=None, help="run directories (default: runs/reproduce-<mode>)" + NO_AUTO_DEFAULT)
     p.add_argument("--output", default="docs/results.md", help="the report")
-    p.add_argument("--figures", default=None, help="PNGs and results.json (default: <output dir>/results)")
+    p.add_argument("--figures", default=None, help="PNGs and results.json (default: <output dir>/results)" + NO_AUTO_DEFAULT)
     p.add_argument("--shard", default=None, metavar="K/N", help="train only every N-th run from K (0-based)")
     p.add_argument("--wait", type=float, default=3600.0, help="with --shard: seconds to wait for other shards")
     p.add_argument("--plan", action="store_true", help="print the plan and the estimated time, train nothing")
-    p.add_argument("--generated-by", default=None, help="the command to name in the report (default: this one)")
+    p.add_argument("--generated-by", default=None, help="the command to name in the report (default: this one)" + NO_AUTO_DEFAULT)
     return p
 
 
@@ -350,6 +350,11 @@ def _shard(text: str | None) -> tuple[int, int] | None:
     if not 0 <= k < n:
         raise ValueError(f"--shard K/N needs 0 <= K < N, got {text!r}")
     return k, n
+
+
+NO_AUTO_DEFAULT = "%(default).0s"
+"""Ends a help text that states its own default: prints nothing, and keeps argparse's default-showing formatter
+from adding "(default: None)" for an option whose None means "worked out at run time"."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import os
 import sys
 from collections import Counter
 from collections.abc import Iterable
@@ -51,10 +52,11 @@ def write_report(run_dirs: Iterable[str | Path], out_dir: str | Path, title: str
                    f"stopped runs) and are left out of every table: {names}")
         print(warning, file=sys.stderr)
         blocks.append(Block("p", warning))
+    names = _run_names(runs)
     if runs:
-        blocks += _overview(runs)
-    for i, run in enumerate(runs, start=1):
-        blocks += _run_section(run, out, f"run{i:02d}")
+        blocks += _overview(runs, names)
+    for i, (run, name) in enumerate(zip(runs, names), start=1):
+        blocks += _run_section(run, out, f"run{i:02d}", name)
     for i, (where, sweep) in enumerate(sweeps, start=1):
         blocks += _sweep_section(where, sweep, out, f"sweep{i:02d}")
     (out / "report.md").write_text(render_markdown(blocks))
@@ -129,11 +131,11 @@ def _read_sweep(path: Path) -> dict[str, Any]:
     return sweep
 
 
-def _overview(runs: list[Run]) -> list[Block]:
+def _overview(runs: list[Run], names: list[str]) -> list[Block]:
     rows = []
-    for run in runs:
+    for run, name in zip(runs, names):
         sparsity = "" if run.sparsity is None else f"{100 * run.sparsity:.1f}"
-        rows.append([_dirname(run), run.task, str(run.meta["model"]), run.label, str(run.meta["seed"]),
+        rows.append([name, run.task, str(run.meta["model"]), run.label, str(run.meta["seed"]),
                      f"{run.meta['metric']} {run.score:.1f}", sparsity, str(run.meta.get("note", ""))])  # fmt: skip
     header = ["Run", "Task", "Model", "Method", "Seed", "Score", "Sparsity (%)", "Data"]
     blocks = [
@@ -162,8 +164,8 @@ def _pooling_notes(runs: list[Run]) -> list[str]:
     return notes
 
 
-def _run_section(run: Run, out: Path, stem: str) -> list[Block]:
-    blocks = [Block("h2", f"{run.name} ({_dirname(run)})")]
+def _run_section(run: Run, out: Path, stem: str, name: str) -> list[Block]:
+    blocks = [Block("h2", f"{run.name} ({name})")]
     sparsity = "–" if run.sparsity is None else f"{100 * run.sparsity:.1f}%"
     summary = f"{run.meta['metric']}: {run.score:.2f} · token sparsity (test): {sparsity}"
     blocks.append(Block("p", f"{summary} · {run.meta.get('note', '')}"))
@@ -196,7 +198,7 @@ def _run_section(run: Run, out: Path, stem: str) -> list[Block]:
 
 
 def _sweep_section(where: Path, sweep: dict[str, Any], out: Path, stem: str) -> list[Block]:
-    blocks = [Block("h2", f"Module selection ({where.name})")]
+    blocks = [Block("h2", f"Module selection ({where.resolve().name})")]
     if sweep.get("table4"):
         blocks.append(Block("grid", grid=table4_grid(sweep["table4"])))
     if sweep.get("figure2"):
@@ -205,5 +207,13 @@ def _sweep_section(where: Path, sweep: dict[str, Any], out: Path, stem: str) -> 
     return blocks
 
 
-def _dirname(run: Run) -> str:
-    return run.path.name if run.path is not None else ""
+def _run_names(runs: list[Run]) -> list[str]:
+    """Return how the report names each run: its folder's name (``.`` resolved), or, where two runs share that
+    name (the same seed in two sweeps), its path relative to the folder that holds them all."""
+    paths = [None if r.path is None else r.path.resolve() for r in runs]
+    names = ["" if p is None else p.name for p in paths]
+    known = [p for p in paths if p is not None]
+    if len(set(names)) < len(names) and len(known) > 1:
+        root = Path(os.path.commonpath(known))
+        names = ["" if p is None else str(p.relative_to(root)) for p in paths]
+    return names
