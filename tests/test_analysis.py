@@ -598,3 +598,14 @@ def test_report_tells_runs_with_the_same_folder_name_apart(tmp_path: Path, monke
     monkeypatch.chdir(a)
     md = (write_report(["."], tmp_path / "dot").parent / "report.md").read_text()
     assert "(lora-ts-seed0)" in md
+
+
+def test_comparison_cells_over_another_seed_count_say_so() -> None:
+    """3 dense seeds, 2 token-selective ones (a run left unfinished): the TS cell says n=2, the note explains."""
+    recs = [{"task": "sst2", "method": "lora", "selective": s, "seed": i, "score": 80.0 + i, "sparsity": 0.4 if s else None}
+            for s, n in ((False, 3), (True, 2)) for i in range(n)]
+    text = compare_table(recs)
+    assert "| 81.0 ± 1.0 |" in text and "80.5 ± 0.7 (n=2)" in text
+    assert "over 3 seeds per cell, or the n given" in text
+    dense = [r for r in recs if not r["selective"]]
+    assert "(n=" not in compare_table(dense + [dict(r, selective=True, sparsity=0.4) for r in dense])

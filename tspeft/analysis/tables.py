@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import html
 import math
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,24 +198,34 @@ def compare_grid(records: Iterable[dict[str, Any]]) -> Grid:
     tasks = list(dict.fromkeys(r["task"] for r in recs))
     models = list(dict.fromkeys(str(r.get("model", "")) for r in recs))
     methods = sorted({r["method"] for r in recs}, key=lambda m: (_index(METHOD_ORDER, m), m))
-    rows: list[list[str]] = []
-    partial = False
+    cells: list[tuple[str, list[dict[str, Any]], dict[str, list[float]]]] = []
     for model in models:
         prefix = f"{model}: " if len(models) > 1 else ""
         for method in methods:
             for selective in (False, True):
                 group = [r for r in recs if str(r.get("model", "")) == model and r["method"] == method]
                 group = [r for r in group if bool(r["selective"]) == selective]
-                if not group:
-                    continue
-                scores = {t: [float(r["score"]) for r in group if r["task"] == t] for t in tasks}
-                row, missing = _score_row(scores, tasks)
-                partial |= missing
-                rows.append([prefix + method_label(method, selective), *row])
-                if selective:
-                    rows.append(_sparsity_row(group, tasks))
+                if group:
+                    scores = {t: [float(r["score"]) for r in group if r["task"] == t] for t in tasks}
+                    cells.append((prefix + method_label(method, selective), group, scores))
+    # the seed count most cells have; a cell with another count says so, so that unequal cells are not compared blind
+    counts = Counter(len(v) for _, _, scores in cells for v in scores.values() if v)
+    usual = counts.most_common(1)[0][0] if counts else 0
+    rows: list[list[str]] = []
+    partial = uneven = False
+    for label, group, scores in cells:
+        row, missing = _score_row(scores, tasks)
+        for i, t in enumerate(tasks):
+            if scores[t] and len(scores[t]) != usual:
+                row[i] += f" (n={len(scores[t])})"
+                uneven = True
+        partial |= missing
+        rows.append([label, *row])
+        if bool(group[0]["selective"]):
+            rows.append(_sparsity_row(group, tasks))
     metrics = {r["task"]: r.get("metric") for r in recs if r.get("metric")}
-    notes = ["Scores: mean ± sample std over seeds (n = seeds per cell); Avg: mean of the task means."]
+    notes = [f"Scores: mean ± sample std over {usual} seed{'s' * (usual != 1)} per cell"
+             + (", or the n given" if uneven else "") + "; Avg: mean of the task means."]
     if metrics:
         notes.append("Metrics: " + ", ".join(f"{t}: {m}" for t, m in metrics.items()) + ".")
     if partial:
@@ -259,7 +270,7 @@ def table4_grid(entries: Iterable[dict[str, Any]]) -> Grid:
             row = [_mean_std([float(e["score"]) for e in group]), str(len(group))]
         rows.append([label, *row])
     header = ["Selection", *tasks, "Avg"] if tasks else ["Selection", "Score", "Runs"]
-    note = "Scores: mean ± sample std over seeds."
+    note = "Scores: mean ± sample std over seeds; random_: over its seeded draws of modules as well."
     return Grid(header, rows, caption="Module selection strategies (Table 4)", notes=[note])
 
 
