@@ -609,3 +609,18 @@ def test_comparison_cells_over_another_seed_count_say_so() -> None:
     assert "over 3 seeds per cell, or the n given" in text
     dense = [r for r in recs if not r["selective"]]
     assert "(n=" not in compare_table(dense + [dict(r, selective=True, sparsity=0.4) for r in dense])
+
+
+def test_a_report_written_again_removes_only_the_pictures_of_the_one_it_replaces(tmp_path: Path) -> None:
+    runs = [write_run(tmp_path / "runs" / n, synthetic_meta(seed=i), log=[{"step": 1, "loss": 0.7}])
+            for i, n in enumerate(("a", "b"))]
+    out = tmp_path / "out"
+    write_report(runs, out)
+    first = {p.name for p in out.glob("*.png")}
+    assert any(n.startswith("run02") for n in first)
+    (out / "mine.png").write_bytes(b"not the report's")  # a file the report did not write stays
+    write_report(runs[:1], out)
+    left = {p.name for p in out.glob("*.png")}
+    assert not any(n.startswith("run02") for n in left) and "mine.png" in left
+    md = (out / "report.md").read_text()
+    assert all(f"]({n})" in md for n in left - {"mine.png"})

@@ -6,6 +6,7 @@ import base64
 import html
 import json
 import os
+import re
 import sys
 from collections import Counter
 from collections.abc import Iterable
@@ -59,10 +60,20 @@ def write_report(run_dirs: Iterable[str | Path], out_dir: str | Path, title: str
         blocks += _run_section(run, out, f"run{i:02d}", name)
     for i, (where, sweep) in enumerate(sweeps, start=1):
         blocks += _sweep_section(where, sweep, out, f"sweep{i:02d}")
+    before = _images_of(out / "report.md")  # what a previous report in this folder wrote
     (out / "report.md").write_text(render_markdown(blocks))
     path = out / "report.html"
     path.write_text(render_html(blocks, title))
+    for name in before - _images_of(out / "report.md"):  # its pictures this report does not use: stale
+        (out / name).unlink(missing_ok=True)
     return path
+
+
+def _images_of(report_md: Path) -> set[str]:
+    """Return the PNG file names a report.md links (written beside it by write_report)."""
+    if not report_md.is_file():
+        return set()
+    return {m for m in re.findall(r"!\[[^\]]*\]\(([^)/\\]+\.png)\)", report_md.read_text())}
 
 
 def render_html(blocks: list[Block], title: str = TITLE) -> str:
