@@ -401,6 +401,11 @@ def test_selection_errors(run, tmp_path: Path) -> None:
     assert (
         len(select_modules(dense, "norm_abs", 0.5).modules) == 5
     )  # 4.5 rounds half up; norms exist in dense runs
+    bare = synthetic_meta(selective=False)  # as training writes a dense run: no gate statistics at all
+    for stats in bare["modules"].values():
+        stats["ratio_mean"] = stats["delta_norm_mean"] = None
+    with pytest.raises(ValueError, match="it is a dense run"):
+        select_modules(load_run(write_run(tmp_path / "bare", bare)), "norm_abs", 0.5)
     assert sorted(STRATEGIES) == sorted(
         ["s_low", "s_high", "norm_relative", "norm_abs", "random", "half_rank"]
     )

@@ -114,9 +114,9 @@ def _by_stat(stat: str) -> Callable[[Run, list[str]], list[str]]:
     def order(run: Run, names: list[str]) -> list[str]:
         values = {n: getattr(run.modules[n], stat) for n in names}
         if all(v is None for v in values.values()):
-            raise ValueError(
-                f"{run.name} has no '{stat}' statistics in run.json; training writes them per module"
-            )
+            why = ("it is a dense run, and only token-selective runs record them (train with selective=true)"
+                   if not run.selective else "training writes them per module; this run.json lacks them")
+            raise ValueError(f"{run.name} has no '{stat}' statistics in run.json: {why}")
         return sorted(names, key=lambda n: -(values[n] if values[n] is not None else -math.inf))
 
     return order
