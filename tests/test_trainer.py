@@ -22,11 +22,13 @@ def _collate(rows):
     return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
 
 
-def _trainer(model, out, **kw):
-    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, max_steps=6, learning_rate=5e-3,
-                             logging_steps=2, save_steps=3, save_strategy="steps", report_to="none", use_cpu=True,
-                             seed=0, data_seed=0, disable_tqdm=True, **kw)
-    return tspeft.TSTrainer(model=model, args=args, train_dataset=_data(), data_collator=_collate)
+def _trainer(model, out, eval_dataset=None, optimizers=(None, None), **kw):
+    settings = dict(output_dir=str(out), per_device_train_batch_size=4, max_steps=6, learning_rate=5e-3,
+                    logging_steps=2, save_steps=3, save_strategy="steps", report_to="none", use_cpu=True,
+                    seed=0, data_seed=0, disable_tqdm=True)
+    args = TrainingArguments(**{**settings, **kw})
+    return tspeft.TSTrainer(model=model, args=args, train_dataset=_data(), eval_dataset=eval_dataset,
+                            data_collator=_collate, optimizers=optimizers)
 
 
 def _ts_model():
@@ -98,3 +100,58 @@ def test_ts_trainer_resumes_an_adapter_not_named_default(tmp_path):
     again.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
     for name, tau in tspeft.thresholds(again.model).items():
         assert tau == pytest.approx(tspeft.thresholds(first.model)[name], rel=1e-5, abs=1e-7)
+
+
+def test_best_model_at_end_brings_back_that_checkpoints_thresholds(tmp_path):
+    from safetensors.torch import load_file
+
+    trainer = _trainer(_ts_model(), tmp_path, eval_dataset=_data(8), eval_strategy="steps", eval_steps=3,
+                       load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=True)
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and best.endswith("checkpoint-3")  # the higher eval loss: not the last step's
+    saved = load_file(f"{best}/tspeft_state.safetensors")
+    for name, tau in tspeft.thresholds(trainer.model).items():
+        assert tau == pytest.approx(float(saved[f"{name}.threshold"]))
+
+
+def test_evaluation_tokens_stay_out_of_the_training_sparsity(tmp_path):
+    """ts_sparsity covers the training tokens of each logging window; an evaluation in between counts none."""
+    logs = []
+    for evaluate in (False, True):
+        model = tspeft.enable(with_adapter(tiny_llama(), "llama", "lora"), tspeft.TSConfig(lam=5e-2, s=0.5))
+        trainer = _trainer(model, tmp_path / str(evaluate), eval_dataset=_data(40) if evaluate else None,
+                           eval_strategy="steps" if evaluate else "no", eval_steps=2, save_strategy="no")
+        trainer.evaluate() if evaluate else None  # before training, too
+        trainer.train()
+        logs.append([(h["step"], h["ts_sparsity"]) for h in trainer.state.log_history if "loss" in h])
+    assert logs[0] == logs[1] and any(v > 0 for _, v in logs[0])
+
+
+def test_an_optimizer_passed_in_that_does_not_rule_the_thresholds_warns(tmp_path):
+    model = _ts_model()
+    plain = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    with pytest.warns(UserWarning, match="does not train the thresholds with tspeft's rule"):
+        _trainer(model, tmp_path, optimizers=(plain, None), max_steps=1, save_strategy="no").train()
+    with pytest.warns(UserWarning, match="optim='sgd'|optim=<OptimizerNames.SGD"):
+        _trainer(_ts_model(), tmp_path, optim="sgd", max_steps=1, save_strategy="no").train()
+
+
+def test_resuming_a_token_selective_checkpoint_without_enable_names_the_fix(tmp_path):
+    _trainer(_ts_model(), tmp_path / "run", max_steps=3).train()
+    dense = with_adapter(tiny_llama(), "llama", "lora")
+    with pytest.raises(ValueError, match="call tspeft.enable"):
+        _trainer(dense, tmp_path / "again", max_steps=6).train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-3"))
+
+
+def test_parallel_adapters_resume_from_a_whole_model_checkpoint(tmp_path):
+    def adapter_model():
+        return tspeft.enable(with_adapter(tiny_llama(), "llama", "adapter"), tspeft.TSConfig(lam=1e-3, s=2e-2))
+
+    full = _trainer(adapter_model(), tmp_path / "full")
+    full.train()
+    again = _trainer(adapter_model(), tmp_path / "full")
+    again.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    final = tspeft.thresholds(full.model)
+    for name, tau in tspeft.thresholds(again.model).items():
+        assert tau == pytest.approx(final[name], rel=1e-5, abs=1e-7)

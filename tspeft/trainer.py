@@ -26,14 +26,25 @@ A dense peft model (token selection not enabled) trains as with ``Trainer``, Ada
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from .model import is_enabled
-from .optim import adapter_parameters, attach_grad_scaler, optimizer, report_skipped_updates
+from .model import STATS, gated_modules, is_enabled
+from .optim import (
+    TSOptimizer,
+    adapter_parameters,
+    attach_grad_scaler,
+    optimizer,
+    report_skipped_updates,
+    threshold_parameters,
+)
 from .stats import all_reduce_stats, overall_sparsity, reset_stats, thresholds
 
 
@@ -74,9 +85,14 @@ class TSTrainer(Trainer):
         model = model if model is not None else self.model
         if is_enabled(unwrap(model)):
             if self.optimizer is None:  # not passed in by the caller (optimizers=(...))
+                if not str(getattr(self.args.optim, "value", self.args.optim)).startswith("adamw"):
+                    warnings.warn(f"tspeft.TSTrainer: optim={self.args.optim!r} is not used: a token-selective "
+                                  "model trains with tspeft.optimizer (AdamW and the threshold rule)", stacklevel=2)
                 self.optimizer = optimizer(unwrap(model), lr=self.args.learning_rate,
                                            weight_decay=self.args.weight_decay, eps=self.args.adam_epsilon,
                                            betas=(self.args.adam_beta1, self.args.adam_beta2))
+            else:
+                _check_thresholds_optimized(unwrap(model), self.optimizer)
             scaler = getattr(self.accelerator, "scaler", None)
             if scaler is not None:  # whoever built the optimizer: lambda's term must be scaled like the loss
                 attach_grad_scaler(unwrap(model), scaler)
@@ -92,12 +108,38 @@ class TSTrainer(Trainer):
         return grad_norm
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from .io import CONFIG_NAME, load_ts_state
+
         target = unwrap(model if model is not None else self.model)
-        if is_enabled(target):
+        if not is_enabled(target) and (Path(resume_from_checkpoint) / CONFIG_NAME).is_file():
+            raise ValueError(
+                f"{resume_from_checkpoint} is a token-selective checkpoint, but token selection is not enabled on "
+                "this model: call tspeft.enable(model, config) (the run's TSConfig) before resuming"
+            )
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if is_enabled(target) and not _whole_model_checkpoint(target, resume_from_checkpoint):
+            load_ts_state(target, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        super()._load_best_model()  # the adapter's weights of the best checkpoint ...
+        target, best = unwrap(self.model), self.state.best_model_checkpoint
+        if is_enabled(target) and best is not None and not _whole_model_checkpoint(target, best):
             from .io import load_ts_state
 
-            load_ts_state(target, resume_from_checkpoint)
+            load_ts_state(target, best)  # ... and its thresholds, which peft's adapter file does not hold
+
+    def evaluate(self, *args: Any, **kwargs: Any):
+        with _training_stats_kept(unwrap(self.model)):  # eval tokens are not the training window's
+            return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args: Any, **kwargs: Any):
+        with _training_stats_kept(unwrap(self.model)):
+            return super().predict(*args, **kwargs)
+
+    def train(self, *args: Any, **kwargs: Any):
+        if is_enabled(unwrap(self.model)):
+            reset_stats(unwrap(self.model))  # the first window counts this run's training tokens only
+        return super().train(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         choice_mask = inputs.pop("choice_mask", None)
@@ -122,3 +164,40 @@ class TSTrainer(Trainer):
         super().log(logs, *args, **kwargs)  # callbacks' on_log run here and may read module_stats
         if training:
             reset_stats(model)  # each logging step reports the tokens since the previous one
+
+
+def _check_thresholds_optimized(model: nn.Module, opt: Any) -> None:
+    """Warn when an optimizer passed in does not train the thresholds with tspeft's rule."""
+    taus = {id(p) for p in threshold_parameters(model).values()}
+    inner = getattr(opt, "optimizer", opt)  # accelerate's wrapper
+    ruled = {id(p) for g in getattr(inner, "param_groups", []) if g.get("ts_threshold") for p in g["params"]}
+    if not isinstance(inner, TSOptimizer) or not taus <= ruled:
+        warnings.warn(
+            "tspeft.TSTrainer: the optimizer passed in does not train the thresholds with tspeft's rule (Eq. 16-20: "
+            "lr = s, betas of TSConfig, no weight decay); build it with tspeft.optimizer(model, lr=...) instead",
+            stacklevel=3,
+        )
+
+
+def _whole_model_checkpoint(model: nn.Module, checkpoint: str) -> bool:
+    """Return True if a checkpoint saved the whole model (parallel adapters: not a peft model), thresholds
+    included as parameters, so that Trainer's own loading brought them back."""
+    from peft import PeftModel
+
+    from .io import STATE_NAME
+
+    return not isinstance(model, PeftModel) and not (Path(checkpoint) / STATE_NAME).is_file()
+
+
+@contextlib.contextmanager
+def _training_stats_kept(model: nn.Module) -> Iterator[None]:
+    """Within the block, the gates' statistics may count other tokens; afterwards they are as before."""
+    if not is_enabled(model):
+        yield
+        return
+    saved = {n: getattr(m, STATS).clone() for n, m in gated_modules(model).items()}
+    try:
+        yield
+    finally:
+        for n, m in gated_modules(model).items():
+            getattr(m, STATS).copy_(saved[n])
