@@ -126,6 +126,8 @@ def test_evaluation_tokens_stay_out_of_the_training_sparsity(tmp_path):
         trainer.train()
         logs.append([(h["step"], h["ts_sparsity"]) for h in trainer.state.log_history if "loss" in h])
     assert logs[0] == logs[1] and any(v > 0 for _, v in logs[0])
+    evaluated = [h["eval_ts_sparsity"] for h in trainer.state.log_history if "eval_loss" in h]
+    assert len(evaluated) == 3 and all(0.0 <= v <= 1.0 for v in evaluated) and evaluated[-1] > 0
 
 
 def test_an_optimizer_passed_in_that_does_not_rule_the_thresholds_warns(tmp_path):

@@ -11,10 +11,11 @@ What it changes in ``Trainer``, and nothing else:
   betas (0.9, 0.98), no weight decay, following the learning-rate schedule), and an fp16 loss scaler is
   attached so that lambda's term is scaled like the loss's;
 - gradient clipping (and the logged ``grad_norm``) covers the adapters only, never the thresholds;
-- every logging step adds ``ts_sparsity`` (share of real tokens whose update was skipped since the
-  previous logging step, summed over data-parallel ranks) and ``ts_threshold_mean`` to the logs, so they
+- every logging step adds ``ts_sparsity`` (share of real training tokens whose update was skipped since
+  the previous logging step, summed over data-parallel ranks) and ``ts_threshold_mean`` to the logs, so they
   reach TensorBoard, W&B or whatever ``report_to`` names, and reports threshold updates skipped for a
-  non-finite ``g_k``;
+  non-finite ``g_k``; ``evaluate``/``predict`` add ``eval_ts_sparsity`` (their prefix) for the evaluated
+  tokens, which do not count in the training window;
 - checkpoints hold the thresholds and their optimizer state (the model's ``save_pretrained`` writes
   them), and resuming loads them back;
 - a peft AdaLoRA model gets ``update_and_allocate`` after every optimizer step (peft leaves it to the loop);
@@ -128,13 +129,18 @@ class TSTrainer(Trainer):
 
             load_ts_state(target, best)  # ... and its thresholds, which peft's adapter file does not hold
 
-    def evaluate(self, *args: Any, **kwargs: Any):
-        with _training_stats_kept(unwrap(self.model)):  # eval tokens are not the training window's
-            return super().evaluate(*args, **kwargs)
-
-    def predict(self, *args: Any, **kwargs: Any):
-        with _training_stats_kept(unwrap(self.model)):
-            return super().predict(*args, **kwargs)
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix: str = "eval"):
+        model = unwrap(self.model)
+        if not is_enabled(model):
+            return super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        with _training_stats_kept(model):  # the evaluated tokens are counted apart from the training window's
+            reset_stats(model)
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                             metric_key_prefix)
+            all_reduce_stats(model)  # data parallel: every rank evaluates (a collective on every rank)
+            output.metrics[f"{metric_key_prefix}_ts_sparsity"] = overall_sparsity(model)
+        return output
 
     def train(self, *args: Any, **kwargs: Any):
         if is_enabled(unwrap(self.model)):
