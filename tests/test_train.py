@@ -59,17 +59,18 @@ def test_dense_run_has_no_sparsity(tiny_model_dir, tmp_path, monkeypatch):
     assert evaluate_saved(tmp_path)["score"] == record["score"]
 
 
-def test_resume_after_a_kill_ends_with_the_same_metrics(tiny_model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", ["lora", "adapter"])
+def test_resume_after_a_kill_ends_with_the_same_metrics(tiny_model_dir, tmp_path, monkeypatch, method):
     monkeypatch.setenv("TSPEFT_QUIET", "1")
-    full = train(_cfg(tiny_model_dir, tmp_path / "full"))
+    full = train(_cfg(tiny_model_dir, tmp_path / "full", method=method))
     cut = tmp_path / "cut"
-    train(_cfg(tiny_model_dir, cut))
+    train(_cfg(tiny_model_dir, cut, method=method))
     # what a kill after step 10 leaves: checkpoint-10 whole, no later checkpoint, no result
     shutil.rmtree(cut / "checkpoints" / "checkpoint-12")
     (cut / "run.json").unlink()
     lines = (cut / "log.jsonl").read_text().splitlines()[:10]
     (cut / "log.jsonl").write_text("\n".join(lines) + "\n")
-    resumed = train(_cfg(tiny_model_dir, cut, resume=True))
+    resumed = train(_cfg(tiny_model_dir, cut, resume=True, method=method))
     assert resumed["score"] == full["score"] and resumed["sparsity"] == full["sparsity"]
     full_log = (tmp_path / "full" / "log.jsonl").read_text().splitlines()
     cut_log = (cut / "log.jsonl").read_text().splitlines()

@@ -35,6 +35,14 @@ def _ts_model():
     return tspeft.enable(with_adapter(tiny_llama(), "llama", "lora"), tspeft.TSConfig(lam=1e-3, s=2e-2))
 
 
+def _adapter_model():
+    return tspeft.enable(with_adapter(tiny_llama(), "llama", "adapter"), tspeft.TSConfig(lam=1e-3, s=2e-2))
+
+
+def _adapter_state(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if ".adapter_" in n}
+
+
 def test_ts_trainer_trains_thresholds_logs_sparsity_and_resumes(tmp_path):
     trainer = _trainer(_ts_model(), tmp_path / "full")
     trainer.train()
@@ -102,10 +110,12 @@ def test_ts_trainer_resumes_an_adapter_not_named_default(tmp_path):
         assert tau == pytest.approx(tspeft.thresholds(first.model)[name], rel=1e-5, abs=1e-7)
 
 
-def test_best_model_at_end_brings_back_that_checkpoints_thresholds(tmp_path):
+@pytest.mark.parametrize("kind", ["lora", "adapter"])
+def test_best_model_at_end_brings_back_that_checkpoints_thresholds(tmp_path, kind):
     from safetensors.torch import load_file
 
-    trainer = _trainer(_ts_model(), tmp_path, eval_dataset=_data(8), eval_strategy="steps", eval_steps=3,
+    model = _ts_model() if kind == "lora" else _adapter_model()
+    trainer = _trainer(model, tmp_path, eval_dataset=_data(8), eval_strategy="steps", eval_steps=3,
                        load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=True)
     trainer.train()
     best = trainer.state.best_model_checkpoint
@@ -113,6 +123,10 @@ def test_best_model_at_end_brings_back_that_checkpoints_thresholds(tmp_path):
     saved = load_file(f"{best}/tspeft_state.safetensors")
     for name, tau in tspeft.thresholds(trainer.model).items():
         assert tau == pytest.approx(float(saved[f"{name}.threshold"]))
+    if kind == "adapter":  # and the adapters' weights, which the checkpoint holds instead of the whole model
+        weights = load_file(f"{best}/tspeft_adapter.safetensors")
+        for name, value in _adapter_state(trainer.model).items():
+            torch.testing.assert_close(value, weights[name])
 
 
 def test_evaluation_tokens_stay_out_of_the_training_sparsity(tmp_path):
@@ -146,14 +160,48 @@ def test_resuming_a_token_selective_checkpoint_without_enable_names_the_fix(tmp_
         _trainer(dense, tmp_path / "again", max_steps=6).train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-3"))
 
 
-def test_parallel_adapters_resume_from_a_whole_model_checkpoint(tmp_path):
-    def adapter_model():
-        return tspeft.enable(with_adapter(tiny_llama(), "llama", "adapter"), tspeft.TSConfig(lam=1e-3, s=2e-2))
-
-    full = _trainer(adapter_model(), tmp_path / "full")
+def test_parallel_adapters_checkpoint_their_adapters_not_the_whole_model_and_resume(tmp_path):
+    full = _trainer(_adapter_model(), tmp_path / "full")
     full.train()
-    again = _trainer(adapter_model(), tmp_path / "full")
-    again.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    checkpoint = tmp_path / "full" / "checkpoint-3"
+    assert (checkpoint / "tspeft_adapter.safetensors").is_file() and (checkpoint / "tspeft_state.safetensors").is_file()
+    assert not (checkpoint / "model.safetensors").exists()  # the frozen base is not written at every save
+    again = _trainer(_adapter_model(), tmp_path / "full")
+    again.train(resume_from_checkpoint=str(checkpoint))
+    final = tspeft.thresholds(full.model)
+    for name, tau in tspeft.thresholds(again.model).items():
+        assert tau == pytest.approx(final[name], rel=1e-5, abs=1e-7)
+    done, resumed = _adapter_state(full.model), _adapter_state(again.model)
+    assert done.keys() == resumed.keys() and done
+    for name in done:
+        torch.testing.assert_close(resumed[name], done[name], rtol=1e-5, atol=1e-7)
+
+
+def test_parallel_adapters_save_model_loads_with_from_pretrained(tmp_path):
+    trainer = _trainer(_adapter_model(), tmp_path / "run", save_strategy="no")
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    assert (tmp_path / "final" / "training_args.bin").is_file()
+    loaded = tspeft.from_pretrained(tiny_llama(), tmp_path / "final")
+    assert tspeft.thresholds(loaded) == pytest.approx(tspeft.thresholds(trainer.model))
+    trained = trainer.model.eval()
+    inputs = batch("llama", seed=99, b=2, t=10, pad=3)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, trained(**inputs).logits)
+
+
+def test_parallel_adapters_still_resume_from_a_whole_model_checkpoint(tmp_path, monkeypatch):
+    """Checkpoints written whole by earlier versions (Trainer's own saving) keep resuming."""
+    from transformers import Trainer
+
+    with monkeypatch.context() as m:
+        m.setattr(tspeft.TSTrainer, "_save", Trainer._save)
+        full = _trainer(_adapter_model(), tmp_path / "full")
+        full.train()
+    checkpoint = tmp_path / "full" / "checkpoint-3"
+    assert (checkpoint / "model.safetensors").is_file() and not (checkpoint / "tspeft_adapter.safetensors").exists()
+    again = _trainer(_adapter_model(), tmp_path / "full")
+    again.train(resume_from_checkpoint=str(checkpoint))
     final = tspeft.thresholds(full.model)
     for name, tau in tspeft.thresholds(again.model).items():
         assert tau == pytest.approx(final[name], rel=1e-5, abs=1e-7)

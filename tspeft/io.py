@@ -268,6 +268,33 @@ def _adapter_weights(model: nn.Module, cfg: dict[str, Any]) -> dict[str, torch.T
             if (n in names or p.requires_grad) and not n.endswith(THRESHOLD)}
 
 
+def is_parallel_adapter_model(model: nn.Module) -> bool:
+    """Return True for a model with tspeft parallel adapters (not a peft model): saved by :func:`save_pretrained`."""
+    from peft import PeftModel
+
+    from .adapter import parallel_adapters
+
+    return not isinstance(model, PeftModel) and bool(parallel_adapters(model))
+
+
+def load_parallel_adapter_weights(model: nn.Module, directory: str | Path, cfg: dict[str, Any] | None = None) -> None:
+    """Load the parallel-adapter weights saved in `directory` into `model` (whose adapters are already added);
+    refuse a file that holds weights the model lacks or lacks some of the adapters'."""
+    directory = Path(directory)
+    cfg = json.loads((directory / ADAPTER_CONFIG).read_text()) if cfg is None else cfg
+    weights = load_file(str(directory / ADAPTER_WEIGHTS))
+    result = model.load_state_dict(weights, strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"unexpected adapter weights in {directory}: {result.unexpected_keys[:5]}")
+    missing = sorted(_saved_names(model, cfg) - set(weights))
+    if missing:
+        raise ValueError(
+            f"{directory / ADAPTER_WEIGHTS} lacks {len(missing)} adapter weight(s), e.g. {missing[:3]}: "
+            "the file is incomplete (saved by an older tspeft from a model loaded for inference?); "
+            "re-save the adapter from the trained model"
+        )
+
+
 def from_pretrained(base_model: nn.Module, directory: str | Path, is_trainable: bool = False, **kwargs: Any) -> nn.Module:
     """Return base_model with the saved adapter, token selection enabled and thresholds restored.
 
@@ -298,17 +325,7 @@ def from_pretrained(base_model: nn.Module, directory: str | Path, is_trainable: 
             base_model, acfg["target_modules"], hidden=acfg["hidden"], scale=acfg["scale"],
             dropout=acfg["dropout"], act=acfg["act"], modules_to_save=acfg.get("modules_to_save"),
         )
-        weights = load_file(str(directory / ADAPTER_WEIGHTS))
-        result = model.load_state_dict(weights, strict=False)
-        if result.unexpected_keys:
-            raise ValueError(f"unexpected adapter weights in {directory}: {result.unexpected_keys[:5]}")
-        missing = sorted(_saved_names(model, acfg) - set(weights))
-        if missing:
-            raise ValueError(
-                f"{directory / ADAPTER_WEIGHTS} lacks {len(missing)} adapter weight(s), e.g. {missing[:3]}: "
-                "the file is incomplete (saved by an older tspeft from a model loaded for inference?); "
-                "re-save the adapter from the trained model"
-            )
+        load_parallel_adapter_weights(model, directory, acfg)
         if not is_trainable:
             for p in model.parameters():
                 p.requires_grad_(False)

@@ -17,7 +17,9 @@ What it changes in ``Trainer``, and nothing else:
   non-finite ``g_k``; ``evaluate``/``predict`` add ``eval_ts_sparsity`` (their prefix) for the evaluated
   tokens, which do not count in the training window;
 - checkpoints hold the thresholds and their optimizer state (the model's ``save_pretrained`` writes
-  them), and resuming loads them back;
+  them), and resuming loads them back; for a model with parallel adapters, checkpoints and ``save_model``
+  hold what ``tspeft.save_pretrained`` writes (adapters and thresholds, not the whole model), which
+  ``tspeft.from_pretrained`` loads;
 - a peft AdaLoRA model gets ``update_and_allocate`` after every optimizer step (peft leaves it to the loop);
 - a multiple-choice batch from :func:`tspeft.data.collate` with ``return_choice_mask=True`` has its filler
   choices (questions with fewer choices than the batch's widest) kept out of the loss.
@@ -36,7 +38,17 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
+from transformers.trainer import TRAINING_ARGS_NAME
 
+from .config import CONFIG_NAME
+from .io import (
+    ADAPTER_WEIGHTS,
+    STATE_NAME,
+    is_parallel_adapter_model,
+    load_parallel_adapter_weights,
+    load_ts_state,
+    save_pretrained,
+)
 from .model import STATS, gated_modules, is_enabled
 from .optim import (
     TSOptimizer,
@@ -108,25 +120,44 @@ class TSTrainer(Trainer):
             grad_norm = self.accelerator.clip_grad_norm_(adapter_parameters(unwrap(model)), float("inf"))
         return grad_norm
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        from .io import CONFIG_NAME, load_ts_state
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Checkpoints and ``save_model`` of a model with parallel adapters hold what ``tspeft.save_pretrained``
+        writes (the adapters, thresholds and their rule state), as a peft model's hold its adapter, not the
+        whole model; ``tspeft.from_pretrained(base, folder)`` loads them. A state dict gathered by DeepSpeed or
+        FSDP goes to Trainer's own saving."""
+        target = unwrap(self.model)
+        if state_dict is not None or not is_parallel_adapter_model(target):
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return None
+        save_pretrained(target, output_dir)
+        processor = self.processing_class
+        if processor is None:  # as Trainer: else the data collator's tokenizer, if it has one
+            processor = getattr(self.data_collator, "tokenizer", None)
+        if processor is not None:
+            processor.save_pretrained(output_dir)
+        torch.save(self.args, Path(output_dir) / TRAINING_ARGS_NAME)
+        return None
 
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         target = unwrap(model if model is not None else self.model)
         if not is_enabled(target) and (Path(resume_from_checkpoint) / CONFIG_NAME).is_file():
             raise ValueError(
                 f"{resume_from_checkpoint} is a token-selective checkpoint, but token selection is not enabled on "
                 "this model: call tspeft.enable(model, config) (the run's TSConfig) before resuming"
             )
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if is_enabled(target) and not _whole_model_checkpoint(target, resume_from_checkpoint):
-            load_ts_state(target, resume_from_checkpoint)
+        if not _load_parallel_adapters(target, resume_from_checkpoint):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            if is_enabled(target) and not _whole_model_checkpoint(target, resume_from_checkpoint):
+                load_ts_state(target, resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
-        super()._load_best_model()  # the adapter's weights of the best checkpoint ...
         target, best = unwrap(self.model), self.state.best_model_checkpoint
+        if best is not None and _load_parallel_adapters(target, best):
+            return
+        super()._load_best_model()  # the adapter's weights of the best checkpoint ...
         if is_enabled(target) and best is not None and not _whole_model_checkpoint(target, best):
-            from .io import load_ts_state
-
             load_ts_state(target, best)  # ... and its thresholds, which peft's adapter file does not hold
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
@@ -185,12 +216,21 @@ def _check_thresholds_optimized(model: nn.Module, opt: Any) -> None:
         )
 
 
+def _load_parallel_adapters(model: nn.Module, checkpoint: str) -> bool:
+    """Load a parallel-adapter checkpoint written by ``TSTrainer._save`` (adapters, thresholds and their rule
+    state) into `model`; return False, loading nothing, for any other checkpoint."""
+    if not is_parallel_adapter_model(model) or not (Path(checkpoint) / ADAPTER_WEIGHTS).is_file():
+        return False
+    load_parallel_adapter_weights(model, checkpoint)
+    if is_enabled(model):
+        load_ts_state(model, checkpoint)
+    return True
+
+
 def _whole_model_checkpoint(model: nn.Module, checkpoint: str) -> bool:
     """Return True if a checkpoint saved the whole model (parallel adapters: not a peft model), thresholds
     included as parameters, so that Trainer's own loading brought them back."""
     from peft import PeftModel
-
-    from .io import STATE_NAME
 
     return not isinstance(model, PeftModel) and not (Path(checkpoint) / STATE_NAME).is_file()
 
