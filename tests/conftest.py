@@ -23,10 +23,11 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 METHODS = ("lora", "dora", "adalora", "adapter")
 
 
-def tiny_bert(seed: int = 0, dtype=torch.float32) -> BertForSequenceClassification:
+def tiny_bert(seed: int = 0, dtype=torch.float32, dropout: float = 0.1) -> BertForSequenceClassification:
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=48, max_position_embeddings=64, num_labels=2)
+                     intermediate_size=48, max_position_embeddings=64, num_labels=2,
+                     hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     return BertForSequenceClassification(cfg).to(dtype)
 
 

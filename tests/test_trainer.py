@@ -205,3 +205,27 @@ def test_parallel_adapters_still_resume_from_a_whole_model_checkpoint(tmp_path, 
     final = tspeft.thresholds(full.model)
     for name, tau in tspeft.thresholds(again.model).items():
         assert tau == pytest.approx(final[name], rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_gradient_accumulation_gives_the_loss_of_the_whole_batch(tmp_path, arch):
+    """BERT's classifier takes **kwargs but its loss is a per-batch mean: Trainer alone would add the
+    accumulated micro-batches' losses (2x here), and mu in g_k would outweigh lambda's term twice over."""
+    from conftest import tiny_bert
+
+    rows = []
+    for i in range(16):
+        b = batch(arch, seed=i, b=1, t=10, pad=3 * (i % 2))
+        rows.append({k: v[0] for k, v in b.items()})
+    losses = []
+    for size, accumulate in ((8, 1), (4, 2)):
+        base = tiny_bert(dropout=0.0) if arch == "bert" else tiny_llama()
+        model = tspeft.enable(with_adapter(base, arch, "lora"), tspeft.TSConfig(lam=1e-3, s=2e-2))
+        args = TrainingArguments(output_dir=str(tmp_path / str(size)), per_device_train_batch_size=size,
+                                 gradient_accumulation_steps=accumulate, max_steps=1, logging_steps=1,
+                                 learning_rate=5e-3, report_to="none", use_cpu=True, seed=0, data_seed=0,
+                                 disable_tqdm=True, save_strategy="no")
+        trainer = tspeft.TSTrainer(model=model, args=args, train_dataset=rows, data_collator=_collate)
+        trainer.train()
+        losses.append(next(h["loss"] for h in trainer.state.log_history if "loss" in h))
+    assert losses[1] == pytest.approx(losses[0], rel=1e-3)

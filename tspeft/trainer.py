@@ -30,6 +30,7 @@ A dense peft model (token selection not enabled) trains as with ``Trainer``, Ada
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -78,6 +79,22 @@ class AdaLoraAllocation(TrainerCallback):
         self.calls += 1
 
 
+def _loss_ignores_item_count(model: nn.Module) -> bool:
+    """Return True if the transformers model's forward computes a per-batch mean loss of its own (no
+    ``self.loss_function``, no ``num_items_in_batch``), though it takes ``**kwargs``; False if the model
+    declares ``accepts_loss_kwargs`` or its source cannot be read."""
+    from peft import PeftModel
+
+    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    if "accepts_loss_kwargs" in dir(type(inner)):  # the model says which it is: Trainer already followed it
+        return False
+    try:
+        source = inspect.getsource(type(inner).forward)
+    except (OSError, TypeError):
+        return False
+    return "loss_function" not in source and "num_items_in_batch" not in source
+
+
 def _is_adalora(model: nn.Module) -> bool:
     from peft.tuners.adalora import AdaLoraModel
 
@@ -93,6 +110,12 @@ class TSTrainer(Trainer):
         model = unwrap(self.model)
         if _is_adalora(model):
             self.add_callback(AdaLoraAllocation(model))
+        if self.model_accepts_loss_kwargs and _loss_ignores_item_count(model):
+            # Trainer takes a forward with **kwargs (BERT's classifiers) for one whose loss divides by
+            # num_items_in_batch, so it neither divides the loss by the gradient-accumulation steps nor leaves it
+            # unscaled across data-parallel ranks: the loss, and mu in g_k against lambda's term, would grow
+            # with both. Such a model's loss is a per-batch mean; Trainer then scales it as one.
+            self.model_accepts_loss_kwargs = False
 
     def create_optimizer(self, model=None):
         model = model if model is not None else self.model
