@@ -172,8 +172,60 @@ def test_corrupt_or_nan_state_is_refused(tmp_path):
         tspeft.from_pretrained(tiny_bert(), tmp_path)
     with torch.no_grad():
         next(iter(tspeft.threshold_parameters(model).values())).fill_(float("nan"))
-    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="cannot save non-finite thresholds"):  # nor written over a good save
+        model.save_pretrained(tmp_path)
+    state.write_bytes(data)
+    _with_nan_threshold(state)  # written some other way, with a valid checksum: load refuses it too
     with pytest.raises(ValueError, match="non-finite thresholds"):
         tspeft.from_pretrained(tiny_bert(), tmp_path)
     with pytest.raises(FileNotFoundError, match="not a token-selective adapter"):
         tspeft.from_pretrained(tiny_bert(), tmp_path / "nothing")
+
+
+def _with_nan_threshold(path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from tspeft.io import state_checksum
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    first = next(k for k in sorted(tensors) if k.endswith(".threshold"))
+    tensors[first] = torch.full_like(tensors[first], float("nan"))
+    save_file(tensors, str(path), metadata={**metadata, "sha256": state_checksum(tensors)})
+
+
+def _steps(model, opt, n=2):
+    for _ in range(n):
+        model(**batch("llama")).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_the_rule_state_outlives_its_optimizer(tmp_path):
+    """A fit() that builds, uses and drops its optimizer, then a save: the moments are still written, and a
+    loaded state reaches every later optimizer, not only the first one built."""
+    model = tspeft.enable(with_adapter(tiny_llama(), "llama", "lora"), tspeft.TSConfig(s=1e-2))
+
+    def fit():
+        opt = tspeft.optimizer(model, lr=1e-3)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+        _steps(model, opt)
+        scheduler.step()
+        return {n: dict(opt.state[p]) for n, p in tspeft.threshold_parameters(model).items()}
+
+    live = fit()  # the optimizer and its scheduler are gone once it returns
+    model.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "tspeft_state.safetensors"))
+    for name, state in live.items():
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert float(saved[f"{name}.{key}"]) == pytest.approx(float(state[key]))
+    loaded = tspeft.from_pretrained(tiny_llama(), tmp_path, is_trainable=True)
+    first = tspeft.optimizer(loaded, lr=1e-3)
+    del first  # dropped before it stepped: the loaded state is not used up
+    second = tspeft.optimizer(loaded, lr=1e-3)
+    for name, p in tspeft.threshold_parameters(loaded).items():
+        assert float(second.state[p]["exp_avg"]) == pytest.approx(float(live[name]["exp_avg"]))
+

@@ -190,7 +190,7 @@ def test_encoder_decoder_layers_count_their_own_sequences_padding(arch):
     assert all(t == 9 for n, t in counts.items() if ".encoder." in n or n.endswith(cross))
 
 
-def test_a_bin_save_over_an_older_safetensors_save_is_refused(tmp_path):
+def test_a_bin_save_over_an_older_safetensors_save_replaces_it(tmp_path):
     model = tspeft.enable(with_adapter(tiny_llama(), "llama", "lora"), tspeft.TSConfig())
     model.save_pretrained(tmp_path)
     with torch.no_grad():
@@ -198,9 +198,92 @@ def test_a_bin_save_over_an_older_safetensors_save_is_refused(tmp_path):
             if "lora_B" in n:
                 p.add_(0.1)
     _fill(model, 0.5)
-    model.save_pretrained(tmp_path, safe_serialization=False)  # peft would still read the old .safetensors
-    with pytest.raises(ValueError, match="saved with another adapter_model.bin"):
+    model.save_pretrained(tmp_path, safe_serialization=False)  # peft alone would still read the old .safetensors
+    assert not (tmp_path / "adapter_model.safetensors").exists()
+    loaded = tspeft.from_pretrained(tiny_llama(), tmp_path)
+    assert set(tspeft.thresholds(loaded).values()) == {0.5}
+    data = batch("llama")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**data).logits, model.eval()(**data).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("first, second", [("lora", "adapter"), ("adapter", "lora")])
+def test_a_save_over_another_kind_of_adapter_is_the_one_that_loads(tmp_path, first, second):
+    def save(kind, tau):
+        model = tspeft.enable(with_adapter(tiny_llama(), "llama", kind), tspeft.TSConfig())
+        _fill(model, tau)
+        tspeft.save_pretrained(model, tmp_path)
+        return model.eval()
+
+    save(first, 0.25)
+    model = save(second, 0.5)
+    kinds = {"lora": "adapter_model.safetensors", "adapter": "tspeft_adapter.safetensors"}
+    assert (tmp_path / kinds[second]).is_file() and not (tmp_path / kinds[first]).exists()
+    loaded = tspeft.from_pretrained(tiny_llama(), tmp_path)
+    assert set(tspeft.thresholds(loaded).values()) == {0.5}
+    data = batch("llama")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**data).logits, model(**data).logits, rtol=0, atol=0)
+
+
+def test_non_finite_thresholds_are_not_saved_over_a_good_save(tmp_path):
+    model = tspeft.enable(with_adapter(tiny_llama(), "llama", "lora"), tspeft.TSConfig())
+    _fill(model, 0.1)
+    model.save_pretrained(tmp_path)
+    before = {f.name: f.read_bytes() for f in tmp_path.iterdir() if f.is_file()}
+    with torch.no_grad():
+        next(iter(tspeft.threshold_parameters(model).values())).fill_(float("nan"))
+    with pytest.raises(ValueError, match="non-finite thresholds"):
+        model.save_pretrained(tmp_path)
+    assert {f.name: f.read_bytes() for f in tmp_path.iterdir() if f.is_file()} == before
+    assert not [f for f in tmp_path.iterdir() if f.name.startswith(".tspeft-save-")]
+
+
+def test_a_nan_threshold_is_not_merged():
+    model = tspeft.enable(with_adapter(tiny_llama(), "llama", "lora"), tspeft.TSConfig())
+    with torch.no_grad():
+        next(iter(tspeft.threshold_parameters(model).values())).fill_(float("nan"))  # gates every token out
+    with pytest.raises(RuntimeError, match="nothing was merged"):
+        model.merge_and_unload()
+
+
+def test_merging_through_the_tuner_also_leaves_no_hooks():
+    for method in ("merge_and_unload", "unload"):
+        model = tspeft.enable(with_adapter(tiny_llama(), "llama", "lora"), tspeft.TSConfig())
+        plain = getattr(model.base_model, method)()
+        assert not any("_ts_mask_ctrl" in m.__dict__ for m in plain.modules())
+        assert not any(m._forward_pre_hooks for m in plain.modules())
+
+
+def test_loading_onto_a_base_model_that_already_has_adapters_names_the_fix(tmp_path):
+    base = tiny_llama()
+    model = tspeft.enable(with_adapter(base, "llama", "lora"), tspeft.TSConfig())
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="freshly loaded base model"):
+        tspeft.from_pretrained(base, tmp_path)  # get_peft_model changed it in place
+
+
+@pytest.mark.parametrize("name", ["tspeft_config.json", "tspeft_adapter.json"])
+def test_a_damaged_json_file_is_named(tmp_path, name):
+    tspeft.save_pretrained(tspeft.enable(with_adapter(tiny_llama(), "llama", "adapter"), tspeft.TSConfig()), tmp_path)
+    text = (tmp_path / name).read_text()
+    (tmp_path / name).write_text(text[: len(text) // 2])
+    with pytest.raises(ValueError, match=f"{name} is not valid JSON"):
         tspeft.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_extra_trained_parameters_of_a_parallel_adapter_survive_load_and_save(tmp_path):
+    model = tspeft.enable(with_adapter(tiny_llama(), "llama", "adapter"), tspeft.TSConfig())
+    model.model.norm.weight.requires_grad_(True)  # the user trains one more parameter
+    with torch.no_grad():
+        model.model.norm.weight.mul_(1.5)
+    tspeft.save_pretrained(model, tmp_path / "first")
+    for trainable in (False, True):
+        loaded = tspeft.from_pretrained(tiny_llama(), tmp_path / "first", is_trainable=trainable)
+        assert loaded.model.norm.weight.requires_grad == trainable
+        tspeft.save_pretrained(loaded, tmp_path / str(trainable))
+        again = load_file(str(tmp_path / str(trainable) / "tspeft_adapter.safetensors"))
+        torch.testing.assert_close(again["model.norm.weight"], model.model.norm.weight.detach(), rtol=0, atol=0)
 
 
 def test_saving_only_another_adapter_leaves_the_gated_adapters_state_alone(tmp_path):

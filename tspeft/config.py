@@ -121,7 +121,16 @@ class TSConfig:
     @classmethod
     def load(cls, directory: str | Path) -> TSConfig:
         """Return the config saved in `directory`."""
-        path = Path(directory) / CONFIG_NAME
-        return cls.from_dict(json.loads(path.read_text()))
+        return cls.from_dict(read_json(Path(directory) / CONFIG_NAME))
+
+
+def read_json(path: Path) -> Any:
+    """Return the JSON in `path`; a damaged file raises a ValueError that names it."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(
+            f"{path} is not valid JSON ({exc}): the file is damaged or was cut short; save the adapter again"
+        ) from exc
 
 

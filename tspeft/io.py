@@ -28,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import CONFIG_NAME, TSConfig
+from .config import CONFIG_NAME, TSConfig, read_json
 from .model import THRESHOLD, controller, enable, gated_modules
 
 STATE_NAME = "tspeft_state.safetensors"
@@ -52,8 +52,20 @@ def atomic_write(path: Path, write) -> None:
             os.unlink(tmp)
 
 
+_PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+SUPERSEDES = {
+    **{name: (*(n for n in _PEFT_WEIGHTS if n != name), ADAPTER_WEIGHTS, ADAPTER_CONFIG) for name in _PEFT_WEIGHTS},
+    ADAPTER_WEIGHTS: (*_PEFT_WEIGHTS, "adapter_config.json"),
+}
+"""The files an adapter weights file replaces in its folder: the other format's (peft reads .safetensors
+before .bin, so an older one of those would be loaded instead) and another kind of adapter's (peft's
+beside tspeft's parallel adapter, or the reverse): a folder holds the adapter saved last, and the TS state
+saved with it."""
+
+
 def staged_save(directory: str | Path, write: Callable[[Path], None]) -> None:
-    """Call write(staging) on a fresh folder inside `directory`, then rename each file it wrote into place.
+    """Call write(staging) on a fresh folder inside `directory`, then rename each file it wrote into place,
+    and remove the files of the adapter saved there before that it replaces (:data:`SUPERSEDES`).
 
     peft writes ``adapter_model.safetensors`` in place, so a crash (even SIGKILL) in the middle of a plain
     save destroys the previous adapter, and a crash between the adapter and the TS state leaves new weights
@@ -75,6 +87,9 @@ def staged_save(directory: str | Path, write: Callable[[Path], None]) -> None:
             dst = directory / src.relative_to(staging)
             dst.parent.mkdir(parents=True, exist_ok=True)
             os.replace(src, dst)
+        for src in files:  # then the previous adapter's files that this one replaces, whatever their kind
+            for old in SUPERSEDES.get(src.name, ()):
+                (directory / src.relative_to(staging)).with_name(old).unlink(missing_ok=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -177,6 +192,12 @@ def save_ts_state(model: nn.Module, directory: str | Path, state_dict: dict[str,
         value = (state_dict or {}).get(f"{name}.{THRESHOLD}")
         value = whole_tensor(mod.ts_threshold if value is None else value)
         tensors[f"{name}.threshold"] = value.detach().float().cpu().reshape(1).contiguous()
+    bad = [n for n in gated_modules(model) if not math.isfinite(float(tensors[f"{n}.threshold"]))]
+    if bad:  # load refuses them: writing them would replace a good save with one that cannot be loaded
+        raise ValueError(
+            f"cannot save non-finite thresholds ({len(bad)} gated module(s), e.g. {bad[:3]}); nothing was written. "
+            "Training diverged: load the last good save or checkpoint and lower the learning rate or s"
+        )
     for name, state in threshold_state(model).items():
         for k in RULE_KEYS:
             tensors[f"{name}.{k}"] = torch.as_tensor(state[k]).float().cpu().reshape(1).contiguous()
@@ -238,6 +259,9 @@ def save_pretrained(model: nn.Module, directory: str | Path, **kwargs: Any) -> P
         raise ValueError("nothing to save: the model is neither a peft model nor has tspeft parallel adapters")
     cfg = dict(getattr(model, "tspeft_adapter_config", {}))
     weights = _adapter_weights(model, cfg)
+    # parameters the user unfroze besides the adapters: named in the config, so that a model loaded from this
+    # save writes them again (it loads them frozen, or trainable with is_trainable=True)
+    cfg["extra_parameters"] = sorted(set(weights) - _saved_names(model, {**cfg, "extra_parameters": []}))
 
     def write(staging: Path) -> None:
         save_file(weights, str(staging / ADAPTER_WEIGHTS))
@@ -250,14 +274,16 @@ def save_pretrained(model: nn.Module, directory: str | Path, **kwargs: Any) -> P
 
 
 def _saved_names(model: nn.Module, cfg: dict[str, Any]) -> set[str]:
-    """Return the parameter names a parallel-adapter save must hold: every adapter's own weights and the
-    modules_to_save, whether or not they train now (a model loaded for inference has them frozen)."""
+    """Return the parameter names a parallel-adapter save must hold: every adapter's own weights, the
+    modules_to_save and the extra parameters an earlier save held, whether or not they train now (a model
+    loaded for inference has them frozen)."""
     from .adapter import _matches, parallel_adapters
 
     prefixes = [f"{n}.adapter_" for n in parallel_adapters(model)]
     keep = cfg.get("modules_to_save") or []
     kept = [f"{n}." for n, _ in model.named_modules() if keep and n and _matches(n, keep)]
-    return {n for n, _ in model.named_parameters() if n.startswith(tuple(prefixes + kept))}
+    extra = set(cfg.get("extra_parameters") or [])
+    return {n for n, _ in model.named_parameters() if n.startswith(tuple(prefixes + kept)) or n in extra}
 
 
 def _adapter_weights(model: nn.Module, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -281,7 +307,7 @@ def load_parallel_adapter_weights(model: nn.Module, directory: str | Path, cfg: 
     """Load the parallel-adapter weights saved in `directory` into `model` (whose adapters are already added);
     refuse a file that holds weights the model lacks or lacks some of the adapters'."""
     directory = Path(directory)
-    cfg = json.loads((directory / ADAPTER_CONFIG).read_text()) if cfg is None else cfg
+    cfg = read_json(directory / ADAPTER_CONFIG) if cfg is None else cfg
     weights = load_file(str(directory / ADAPTER_WEIGHTS))
     result = model.load_state_dict(weights, strict=False)
     if result.unexpected_keys:
@@ -301,7 +327,15 @@ def from_pretrained(base_model: nn.Module, directory: str | Path, is_trainable: 
     Works for peft adapters (LoRA, DoRA, AdaLoRA) and tspeft parallel adapters; a folder without TS files
     loads as a dense adapter with a clear error instead of silently dropping the gates.
     """
+    from .adapter import parallel_adapters
+
     directory = Path(directory)
+    if getattr(base_model, "peft_config", None) or gated_modules(base_model) or parallel_adapters(base_model):
+        raise ValueError(
+            "base_model already has adapter layers (get_peft_model and add_parallel_adapter change the model "
+            "they are given, in place): pass a freshly loaded base model, e.g. "
+            "AutoModelForCausalLM.from_pretrained(...), to tspeft.from_pretrained"
+        )
     if (directory / CONFIG_NAME).exists() and (why := stale_reason(directory)) is not None:
         raise ValueError(why)
     selective = is_token_selective(directory)
@@ -320,15 +354,19 @@ def from_pretrained(base_model: nn.Module, directory: str | Path, is_trainable: 
     if (directory / ADAPTER_CONFIG).exists():
         from .adapter import add_parallel_adapter
 
-        acfg = json.loads((directory / ADAPTER_CONFIG).read_text())
+        acfg = read_json(directory / ADAPTER_CONFIG)
         model = add_parallel_adapter(
             base_model, acfg["target_modules"], hidden=acfg["hidden"], scale=acfg["scale"],
             dropout=acfg["dropout"], act=acfg["act"], modules_to_save=acfg.get("modules_to_save"),
         )
+        extra = set(acfg.get("extra_parameters") or [])
+        model.tspeft_adapter_config["extra_parameters"] = sorted(extra)
         load_parallel_adapter_weights(model, directory, acfg)
-        if not is_trainable:
-            for p in model.parameters():
+        for name, p in model.named_parameters():  # add_parallel_adapter made the adapters trainable
+            if not is_trainable:
                 p.requires_grad_(False)
+            elif name in extra:
+                p.requires_grad_(True)
     else:
         from peft import PeftModel
 

@@ -120,12 +120,13 @@ class GatedLayer:
         # every gated layer of the model, not only this one: peft merges layer by layer, and a refusal half-way
         # through merge_and_unload would leave the earlier layers merged and unloaded for good
         taus = [float(m._parameters[THRESHOLD].detach().max()) for m in self._ts_ctrl.modules]
-        above = sum(t > 0 for t in taus)
+        above = sum(not t <= 0 for t in taus)  # a NaN threshold gates every token out: not mergeable either
         if above:
             raise RuntimeError(
                 f"cannot merge a token-selective adapter: {above} of {len(taus)} gated modules have a threshold "
-                f"> 0 (largest {max(taus):.4g}), and merged weights would apply the update to every token. Keep "
-                "the adapter unmerged (the gate stays on at inference); nothing was merged."
+                f"> 0 or not finite (largest {max(taus, key=lambda t: (t == t, t)):.4g}), and merged weights would "
+                "apply the update to every token. Keep the adapter unmerged (the gate stays on at inference); "
+                "nothing was merged."
             )
         return super().merge(*args, **kwargs)
 
@@ -296,9 +297,9 @@ def disable(model: nn.Module) -> nn.Module:
         mod.__dict__.pop(DECODER, None)
     _release_hooks(model)
     controller(model).modules = []
-    cls = type(model)
-    if getattr(cls, "_ts_wrapped", False):
-        model.__class__ = cls.__mro__[1]
+    for wrapped in (model, getattr(model, "base_model", None)):
+        if getattr(type(wrapped), "_ts_wrapped", False):
+            wrapped.__class__ = type(wrapped).__mro__[1]
     del model._tspeft
     return model
 
@@ -318,9 +319,10 @@ def _encoder_decoder(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return (encoder, decoder) if ok else None
 
 
-def _release_hooks(model: nn.Module) -> None:
-    """Remove the padding-mask pre-hooks and their controller references from the model's modules."""
-    ctrl = controller(model)
+def _release_hooks(model: nn.Module, ctrl: TSController | None = None) -> None:
+    """Remove the padding-mask pre-hooks (every one of the controller's) and the controller references from
+    the model's modules."""
+    ctrl = controller(model) if ctrl is None else ctrl
     for handle in ctrl.hook_handles:
         handle.remove()
     ctrl.hook_handles.clear()
@@ -503,3 +505,27 @@ def _wrap_save(model: nn.Module) -> None:
         methods = {"save_pretrained": save_pretrained, "merge_and_unload": merge_and_unload, "unload": unload}
         _SAVE_CLASSES[cls] = type(f"TS{cls.__name__}", (cls,), {**methods, "_ts_wrapped": True})
     model.__class__ = _SAVE_CLASSES[cls]
+    _wrap_tuner(model.base_model)
+
+
+def _wrap_tuner(tuner: nn.Module) -> None:
+    """Swap the peft tuner's class (LoraModel, ...) for one whose merge_and_unload and unload, called on the
+    tuner directly (``model.base_model.merge_and_unload()``), also release the hooks from the plain model."""
+    cls = type(tuner)
+    if getattr(cls, "_ts_wrapped", False):
+        return
+    if cls not in _SAVE_CLASSES:
+
+        def released(method: str):
+            def call(self, *args, **kwargs):
+                plain = getattr(cls, method)(self, *args, **kwargs)  # refused whole if a threshold is > 0
+                ctrl = getattr(self.model, "_ts_mask_ctrl", None)
+                if ctrl is not None:
+                    _release_hooks(self.model, ctrl)
+                return plain
+
+            return call
+
+        methods = {m: released(m) for m in ("merge_and_unload", "unload")}
+        _SAVE_CLASSES[cls] = type(f"TS{cls.__name__}", (cls,), {**methods, "_ts_wrapped": True})
+    tuner.__class__ = _SAVE_CLASSES[cls]

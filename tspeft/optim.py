@@ -239,9 +239,31 @@ def optimizer(
     )
     opt = TSOptimizer(groups, lr=lr, weight_decay=weight_decay, **adamw_kwargs)
     _restore_threshold_state(opt, taus, ctrl.pending_optimizer_state)
-    ctrl.pending_optimizer_state = {}
+    # The loaded state stays pending (the live optimizer's overlays it in threshold_state), and when this
+    # optimizer is gone its threshold state becomes the pending one: a save after it, or the next optimizer,
+    # still has the rule's moments (a fit() that builds and drops its optimizer, then save_pretrained).
     ctrl.optimizer_ref = weakref.ref(opt)
+    weakref.finalize(opt, _keep_rule_state, ctrl, opt.state, taus).atexit = False
     return opt
+
+
+def _rule_entries(state: dict, taus: dict[str, nn.Parameter]) -> dict[str, dict[str, torch.Tensor]]:
+    """Return the threshold rule's state by module from an optimizer's `state`, for thresholds that stepped."""
+    out = {}
+    for name, p in taus.items():
+        s = state.get(p)
+        if s and "exp_avg" in s and float(whole_tensor(torch.as_tensor(s["step"]))) > 0:  # only skips: nothing
+            out[name] = {k: whole_tensor(torch.as_tensor(s[k])).detach().cpu().reshape(-1)
+                         for k in ("step", "exp_avg", "exp_avg_sq")}
+    return out
+
+
+def _keep_rule_state(ctrl, state: dict, taus: dict[str, nn.Parameter]) -> None:
+    try:
+        kept = _rule_entries(state, taus)
+    except ValueError:  # sharded across ranks (FSDP): not whole here, and a finalizer cannot gather it
+        return
+    ctrl.pending_optimizer_state = {**ctrl.pending_optimizer_state, **kept}
 
 
 def _restore_threshold_state(opt: torch.optim.Optimizer, taus: dict[str, nn.Parameter], pending: dict) -> None:
@@ -276,13 +298,8 @@ def threshold_state(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
     ctrl = controller(model)
     opt = ctrl.optimizer_ref() if ctrl.optimizer_ref is not None else None
     out: dict[str, dict[str, torch.Tensor]] = dict(ctrl.pending_optimizer_state)
-    if opt is None:
-        return out
-    for name, p in threshold_parameters(model).items():
-        state = opt.state.get(p)
-        if state and "exp_avg" in state and float(whole_tensor(torch.as_tensor(state["step"]))) > 0:  # only skips: nothing
-            out[name] = {k: whole_tensor(torch.as_tensor(state[k])).detach().cpu().reshape(-1)
-                         for k in ("step", "exp_avg", "exp_avg_sq")}
+    if opt is not None:
+        out.update(_rule_entries(opt.state, threshold_parameters(model)))
     return out
 
 
