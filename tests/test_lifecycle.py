@@ -75,7 +75,8 @@ def test_a_refused_merge_merges_nothing():
 def test_merge_and_unload_leaves_a_plain_model_without_hooks():
     model = tspeft.enable(with_adapter(tiny_llama(), "llama", "lora"), tspeft.TSConfig())
     merged = model.merge_and_unload()
-    assert not any("_ts_mask_ctrl" in m.__dict__ for m in merged.modules())
+    assert not any("_ts_mask_ctrl" in m.__dict__ or "prepare_inputs_for_generation" in m.__dict__
+                   for m in merged.modules())
     assert not any(m._forward_pre_hooks for m in merged.modules())
     ids = torch.randint(0, 64, (2, 5))
     merged(input_ids=ids, attention_mask=torch.ones(2, 1, 5, 5))  # a 4-D mask is the model's business now
@@ -237,6 +238,20 @@ def test_non_finite_thresholds_are_not_saved_over_a_good_save(tmp_path):
         model.save_pretrained(tmp_path)
     assert {f.name: f.read_bytes() for f in tmp_path.iterdir() if f.is_file()} == before
     assert not [f for f in tmp_path.iterdir() if f.name.startswith(".tspeft-save-")]
+
+
+@pytest.mark.parametrize("cast", ["bfloat16", "half"])
+def test_casting_the_model_keeps_the_threshold_fp32_and_the_statistics_float64(cast):
+    model = tspeft.enable(with_adapter(tiny_llama(), "llama", "lora"), tspeft.TSConfig())
+    tau = next(iter(tspeft.threshold_parameters(model).values()))
+    getattr(model, cast)()
+    assert next(iter(tspeft.threshold_parameters(model).values())) is tau and tau.dtype == torch.float32
+    tspeft.reset_stats(model)
+    ids = torch.randint(1, 64, (1, 3))
+    with torch.no_grad():
+        for _ in range(100):  # 300 tokens: bf16 counts stop at 256
+            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    assert {s["tokens"] for s in tspeft.module_stats(model).values()} == {300}
 
 
 def test_a_nan_threshold_is_not_merged():

@@ -524,3 +524,46 @@ def test_generation_with_a_kv_cache_uses_each_calls_own_mask():
     assert out.shape == (2, 8)
     tokens = {v["tokens"] for v in tspeft.module_stats(model).values()}
     assert tokens <= {8 + 2 * j for j in range(1, 4)} and len(tokens) == 1  # padding never counted
+
+
+def test_generation_with_a_static_cache_reads_the_mask_generate_was_given():
+    """A compileable cache makes transformers build a 4-D mask (a dict per layer type for some models) inside
+    generate(); the gates read the 2-D one it was given, as with the dynamic cache."""
+    runs = []
+    for cache in (None, "static"):
+        model = _ts_llama()
+        model.eval()
+        with torch.no_grad():
+            for p in tspeft.threshold_parameters(model).values():
+                p.fill_(0.3)
+        ids = torch.randint(1, 64, (2, 5), generator=torch.Generator().manual_seed(1))
+        mask = torch.ones(2, 5, dtype=torch.long)
+        mask[1, :2] = 0
+        tspeft.reset_stats(model)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                             cache_implementation=cache)
+        runs.append((out, tspeft.module_stats(model)))
+    (dynamic, dynamic_stats), (static, static_stats) = runs
+    assert torch.equal(static, dynamic)
+    for name, stats in dynamic_stats.items():
+        assert (static_stats[name]["tokens"], static_stats[name]["active"]) == (stats["tokens"], stats["active"])
+    assert 0 < sum(s["active"] for s in dynamic_stats.values()) < sum(s["tokens"] for s in dynamic_stats.values())
+
+
+def test_padding_stays_out_of_layers_that_take_the_sequence_flattened():
+    """OPT's feed-forward (and many MoE shared experts) reads (batch * seq, d) rows, not (batch, seq, d)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    base = OPTForCausalLM(OPTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, ffn_dim=48,
+                                    vocab_size=64, max_position_embeddings=64, word_embed_proj_dim=32))
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "fc1", "fc2"]))
+    tspeft.enable(model, tspeft.TSConfig(lam=1.0))
+    ids = torch.randint(3, 64, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 5:] = 0  # 13 real tokens of 16
+    (model(input_ids=ids, attention_mask=mask).logits.sum() * 0).backward()  # g_k = lambda * active real tokens
+    for name, stats in tspeft.module_stats(model).items():
+        assert stats["tokens"] == 13, name
+        assert float(tspeft.threshold_parameters(model)[name].grad) == -13.0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import types
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -36,6 +37,9 @@ class TSController:
         # encoder's output (the input of cross-attention's key and value projections)
         self.decoder_mask: torch.Tensor | None = None
         self.encoder_states: tuple[int, tuple[int, ...]] | None = None  # (data_ptr, shape)
+        # the 2-D mask generate() handed prepare_inputs_for_generation, which builds a 4-D one (or one per
+        # layer type) for a compileable cache (cache_implementation="static"): read by the next cached call
+        self.generation_mask: torch.Tensor | None = None
         self.depth = 0  # calls of the hooked top-level model(s) under way
         self.grad_scaler: Any = None  # a torch.amp.GradScaler whose scale multiplies lambda's term
         self.optimizer_ref: weakref.ref | None = None
@@ -62,7 +66,9 @@ class TSController:
         """Return (N,) bool real-token flags for a layer input x (..., d), or None if every position counts.
 
         The captured mask (batch, seq) applies when x is that token sequence, i.e. x.shape[:-1] ==
-        (batch, seq) (or flattens to it). Other inputs — BERT's pooler (one vector per sequence), a vision
+        (batch, seq) (or flattens to it), or the sequence flattened to (batch * seq, d) rows, as OPT's
+        feed-forward and many MoE shared experts take it. Other inputs — BERT's pooler (one vector per
+        sequence, unless seq is 1, when its rows are the tokens), a vision
         tower's patches, cross-attention over another sequence — count every position as real. In an
         encoder-decoder model a decoder layer (`module`) reads the decoder's mask, unless its input is the
         encoder's output (cross-attention's key and value), which reads the encoder's.
@@ -70,7 +76,11 @@ class TSController:
         mask = self.token_mask
         if module is not None and module.__dict__.get(DECODER, False) and not self._is_encoder_states(x):
             mask = self.decoder_mask
-        if mask is None or x.dim() < 3 or x.shape[-2] != mask.shape[-1]:
+        if mask is None:
+            return None
+        if x.dim() == 2:  # (batch * seq, d): the token sequence flattened, or something else of another length
+            return mask.reshape(-1) if x.shape[0] == mask.numel() else None
+        if x.dim() < 2 or x.shape[-2] != mask.shape[-1]:
             return None
         if x[..., 0].numel() != mask.numel():
             return None
@@ -111,6 +121,20 @@ class GatedLayer:
             "lam_factor": ctrl.lam_factor,
         }
         return type(self)._ts_update(self, x, base, gate)
+
+    def _apply(self, fn, recurse=True):
+        """``model.to(torch.bfloat16)``, ``.half()``: the threshold stays fp32 (a step of s would round away in
+        16 bits) and the statistics float64 (token counts stop at 256 in bf16, overflow in fp16)."""
+        out = super()._apply(fn, recurse)
+        tau = self._parameters.get(THRESHOLD)
+        if tau is not None and tau.dtype in (torch.float16, torch.bfloat16):
+            tau.data = tau.data.float()  # the same Parameter: an optimizer holding it keeps it
+            if tau.grad is not None:
+                tau.grad = tau.grad.float()
+        stats = self._buffers.get(STATS)
+        if stats is not None and stats.dtype != torch.float64:
+            self._buffers[STATS] = stats.to(torch.float64)
+        return out
 
     def merge(self, *args: Any, **kwargs: Any) -> None:
         names = kwargs.get("adapter_names", args[1] if len(args) > 1 else None)  # merge(safe_merge, adapter_names)
@@ -274,6 +298,8 @@ def enable(model: nn.Module, config: TSConfig | None = None) -> nn.Module:
         hooked[backbone] = "lenient"
     if stacks is not None:  # generate() runs the encoder alone, then the decoder with its own mask
         hooked.update({stacks[0]: "encoder", stacks[1]: "decoder"})
+    if callable(getattr(type(inner), "prepare_inputs_for_generation", None)):
+        inner.prepare_inputs_for_generation = types.MethodType(_prepare_inputs_keeping_mask, inner)
     for mod, kind in hooked.items():
         mod._ts_mask_ctrl = ctrl  # the hook finds the controller through the module: right for a deepcopy too
         hook = _capture_attention_mask(model, mod, lenient=kind == "lenient", decoder=kind == "decoder")
@@ -329,6 +355,9 @@ def _release_hooks(model: nn.Module, ctrl: TSController | None = None) -> None:
     for mod in model.modules():
         if "_ts_mask_ctrl" in mod.__dict__:
             del mod._ts_mask_ctrl
+        prepare = mod.__dict__.get("prepare_inputs_for_generation")
+        if getattr(prepare, "__func__", None) is _prepare_inputs_keeping_mask:
+            del mod.prepare_inputs_for_generation
 
 
 def _recompute_z(modules: list[nn.Module], policy: str) -> list[nn.Module]:
@@ -392,17 +421,21 @@ def _capture_attention_mask(model: nn.Module, module: nn.Module, lenient: bool =
         strict(hooked, args, kwargs)
 
     def strict(hooked: nn.Module, args: tuple, kwargs: dict) -> None:
-        mask = _as_token_mask(argument("attention_mask", args, kwargs))
+        ctrl = hooked._ts_mask_ctrl
+        cached = any(kwargs.get(k) is not None for k in _CACHE_ARGS)
+        given, ctrl.generation_mask = ctrl.generation_mask, None  # one call's: never read by a later one
+        raw = argument("attention_mask", args, kwargs)
+        if cached and given is not None and not decoder and _built_by_transformers(raw):
+            raw = given  # what generate() passed before building its own 4-D mask (or dict of them)
+        mask = _as_token_mask(raw)
         ids, embeds = argument("input_ids", args, kwargs), argument("inputs_embeds", args, kwargs)
         what, tokens = ("input_ids", ids.shape) if isinstance(ids, torch.Tensor) else ("inputs_embeds", None)
         if tokens is None and isinstance(embeds, torch.Tensor):
             tokens = embeds.shape[:-1]
         if tokens is not None:
-            cached = any(kwargs.get(k) is not None for k in _CACHE_ARGS)
             _check_tokens(tuple(tokens), what, mask, cached)
             if mask is not None and mask.shape[-1] > tokens[-1]:  # KV cache: the new tokens are the mask's last
                 mask = mask[..., -tokens[-1]:]
-        ctrl = hooked._ts_mask_ctrl
         if not decoder:
             ctrl.token_mask = mask
             return
@@ -411,6 +444,20 @@ def _capture_attention_mask(model: nn.Module, module: nn.Module, lenient: bool =
         ctrl.encoder_states = (states.data_ptr(), tuple(states.shape)) if isinstance(states, torch.Tensor) else None
 
     return hook
+
+
+def _built_by_transformers(mask: Any) -> bool:
+    """Return True for a mask transformers builds itself: 4-D, or a dict of them per layer type."""
+    return isinstance(mask, dict) or (isinstance(mask, torch.Tensor) and mask.dim() == 4)
+
+
+def _prepare_inputs_keeping_mask(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The model's own prepare_inputs_for_generation, after noting the 2-D padding mask generate() gave it."""
+    ctrl = self.__dict__.get("_ts_mask_ctrl")
+    mask = kwargs.get("attention_mask")
+    if ctrl is not None:
+        ctrl.generation_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+    return type(self).prepare_inputs_for_generation(self, *args, **kwargs)
 
 
 def _enter(module: nn.Module, args: tuple) -> None:
