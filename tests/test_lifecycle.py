@@ -353,3 +353,36 @@ def test_a_hook_on_the_frozen_base_layer_keeps_the_gradients_peft_gives(method):
         model(inputs_embeds=emb, attention_mask=data["attention_mask"], labels=data["labels"]).loss.backward()
         grads.append(emb.grad)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("active", ["default", "other"])
+def test_adapters_on_different_modules_gate_only_the_active_ones_layers(active):
+    """Layers that only another adapter targets pass their input through, in peft and with token selection."""
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.add_adapter("other", LoraConfig(r=4, target_modules=["k_proj"], init_lora_weights=False))
+    model.set_adapter(active)
+    data = batch("llama")
+    with torch.no_grad():
+        dense = model(**data).logits
+    tspeft.enable(model, tspeft.TSConfig())
+    suffixes = {n.rsplit(".", 1)[-1] for n in tspeft.gated_modules(model)}
+    assert suffixes == ({"q_proj", "v_proj"} if active == "default" else {"k_proj"})
+    with torch.no_grad():
+        torch.testing.assert_close(model(**data).logits, dense, rtol=0, atol=0)
+
+
+def test_trainable_tokens_are_left_ungated():
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], trainable_token_indices=[3, 4])
+    model = tspeft.enable(get_peft_model(tiny_llama(), config), tspeft.TSConfig())
+    assert {n.rsplit(".", 1)[-1] for n in tspeft.gated_modules(model)} == {"q_proj", "v_proj"}
+
+
+def test_deleting_the_gated_adapter_names_the_fix():
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"]))
+    model.add_adapter("other", LoraConfig(r=4, target_modules=["q_proj"]))
+    tspeft.enable(model, tspeft.TSConfig())
+    model.delete_adapter("default")
+    with pytest.raises(RuntimeError, match="has been deleted: call tspeft.disable"):
+        model(**batch("llama"))
+    tspeft.disable(model)
+    model(**batch("llama"))

@@ -35,6 +35,11 @@ def _active(layer: nn.Module) -> str:
         )
     gated = layer._ts_ctrl.adapter_name
     if gated is not None and names[0] != gated:
+        if not any(gated in getattr(layer, a, {}) for a in getattr(layer, "adapter_layer_names", ())):
+            raise RuntimeError(
+                f"token selection was enabled for adapter {gated!r}, which has been deleted: call "
+                "tspeft.disable(model), then tspeft.enable(model, ...) to gate the adapter that is active now"
+            )
         raise RuntimeError(
             f"token selection was enabled for adapter {gated!r}, but {names[0]!r} is active: the thresholds "
             f"belong to {gated!r}. Call model.set_adapter({gated!r}), or tspeft.disable(model) and then "

@@ -108,7 +108,8 @@ class GatedLayer:
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if kwargs.get("adapter_names") is not None:
-            raise RuntimeError("mixed-adapter batches (adapter_names=...) are not supported with token selection")
+            raise RuntimeError("mixed-adapter batches (adapter_names=...) are not supported with token selection: "
+                               "call the model without adapter_names, one adapter per batch (model.set_adapter)")
         if getattr(self, "disable_adapters", False) or getattr(self, "merged", False):
             return super().forward(x, *args, **kwargs)
         ctrl = self._ts_ctrl
@@ -221,17 +222,37 @@ def is_enabled(model: nn.Module) -> bool:
     return getattr(model, "_tspeft", None) is not None
 
 
-def _check_active_adapters(model: nn.Module) -> None:
+def _check_active_adapters(model: nn.Module) -> str | None:
+    """Return the peft model's one active adapter (None: parallel adapters); raise if there are several."""
     from peft import PeftModel
 
     if not isinstance(model, PeftModel):
-        return
+        return None
     active = model.active_adapters
     if not isinstance(active, str) and len(active) != 1:
         raise ValueError(
             f"token selection needs exactly one active adapter, the model has {list(active)}; "
             "call model.set_adapter(name) first"
         )
+    return active if isinstance(active, str) else active[0]
+
+
+def _gateable(model: nn.Module, adapter: str | None) -> dict[str, nn.Module]:
+    """Return the adapter layers that hold `adapter` by name: not a layer that only another adapter targets
+    (peft passes its input through, and so does the gate by not being there), nor one inside peft's
+    auxiliary wrappers (modules_to_save copies, trainable tokens), which are no update to gate."""
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    aux = tuple(f"{n}." for n, m in model.named_modules() if n and isinstance(m, AuxiliaryTrainingWrapper))
+    out = {}
+    for name, mod in model.named_modules():
+        if not _is_adapter_layer(mod) or name.startswith(aux):
+            continue
+        held = getattr(mod, "adapter_layer_names", ())
+        if adapter is not None and held and not any(adapter in getattr(mod, a, {}) for a in held):
+            continue
+        out[name] = mod
+    return out
 
 
 def enable(model: nn.Module, config: TSConfig | None = None) -> nn.Module:
@@ -244,10 +265,9 @@ def enable(model: nn.Module, config: TSConfig | None = None) -> nn.Module:
         raise TypeError(f"config must be a tspeft.TSConfig, got {type(config).__name__}")
     if is_enabled(model):
         raise RuntimeError("token selection is already enabled on this model; call tspeft.disable(model) first")
-    _check_active_adapters(model)
+    active = _check_active_adapters(model)
     targets = config.target_modules  # name suffixes, or one regex, as peft reads them
-    candidates = {n: m for n, m in model.named_modules()
-                  if _is_adapter_layer(m) and (targets is None or _matches(n, targets))}
+    candidates = {n: m for n, m in _gateable(model, active).items() if targets is None or _matches(n, targets)}
     problems = []
     for name, mod in candidates.items():
         if gated_forward_for(mod) is None:
