@@ -264,3 +264,12 @@ def test_the_papers_recipes_keep_table_6s_scale_and_tables_1_3s_lambda():
     for (recipe, method), value in lam.items():
         assert load_recipe(recipe, task="sst2" if recipe == "nlu" else None, method=method)["lam"] == value
     assert not RunConfig(follow_schedule=False).ts_config().follow_schedule  # alpha_k = 1 can be chosen
+
+
+def test_a_diverged_run_stops_and_writes_no_adapter_or_result(tiny_model_dir, tmp_path, monkeypatch):
+    """Trainer averages a NaN step loss away by default, and NaN adapters make every gate read as skipped
+    (sparsity 100%): the run must stop, not report a perfectly sparse model."""
+    monkeypatch.setenv("TSPEFT_QUIET", "1")
+    with pytest.raises(FloatingPointError, match="training diverged"):
+        train(_cfg(tiny_model_dir, tmp_path, lr=1e30, epochs=1))
+    assert not (tmp_path / "run.json").exists() and not (tmp_path / "adapter").exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from conftest import batch, tiny_llama, with_adapter
@@ -22,13 +24,13 @@ def _collate(rows):
     return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
 
 
-def _trainer(model, out, eval_dataset=None, optimizers=(None, None), **kw):
+def _trainer(model, out, eval_dataset=None, optimizers=(None, None), trainer_class=tspeft.TSTrainer, **kw):
     settings = dict(output_dir=str(out), per_device_train_batch_size=4, max_steps=6, learning_rate=5e-3,
                     logging_steps=2, save_steps=3, save_strategy="steps", report_to="none", use_cpu=True,
                     seed=0, data_seed=0, disable_tqdm=True)
     args = TrainingArguments(**{**settings, **kw})
-    return tspeft.TSTrainer(model=model, args=args, train_dataset=_data(), eval_dataset=eval_dataset,
-                            data_collator=_collate, optimizers=optimizers)
+    return trainer_class(model=model, args=args, train_dataset=_data(), eval_dataset=eval_dataset,
+                         data_collator=_collate, optimizers=optimizers)
 
 
 def _ts_model():
@@ -72,7 +74,8 @@ def test_ts_trainer_allocates_adalora_ranks_dense_or_not(tmp_path, monkeypatch):
     assert "ts_sparsity" not in trainer.state.log_history[0]  # dense: a plain Trainer's logs
 
 
-def test_filler_choices_stay_out_of_the_multiple_choice_loss(tmp_path):
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_filler_choices_stay_out_of_the_multiple_choice_loss(tmp_path, smoothing):
     from transformers import BertConfig, BertForMultipleChoice
 
     from tspeft.data import collate
@@ -83,13 +86,17 @@ def test_filler_choices_stay_out_of_the_multiple_choice_loss(tmp_path):
     rows = [{"input_ids": [[5, 6, 7], [5, 8], [5, 9, 9]], "attention_mask": [[1, 1, 1], [1, 1], [1, 1, 1]], "labels": 2},
             {"input_ids": [[5, 10], [5, 11, 12]], "attention_mask": [[1, 1], [1, 1, 1]], "labels": 1}]  # 2 choices
     inputs = collate(rows, 0, return_choice_mask=True)
-    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True,
+                             label_smoothing_factor=smoothing)
     trainer = tspeft.TSTrainer(model=model, args=args)
     loss = trainer.compute_loss(model, dict(inputs))
     with torch.no_grad():
         logits = model(**{k: v for k, v in inputs.items() if k not in ("choice_mask", "labels")}).logits
-    expected = torch.nn.functional.cross_entropy(logits.masked_fill(~inputs["choice_mask"], float("-inf")),
-                                                 inputs["labels"])
+    expected = 0.0  # by hand: smoothing spread over each question's real choices
+    for row, label in enumerate(inputs["labels"].tolist()):
+        real = logits[row][inputs["choice_mask"][row]].log_softmax(-1)
+        expected += (1 - smoothing) * -real[label] + smoothing * -real.mean()
+    expected = expected / len(rows)
     torch.testing.assert_close(loss.detach(), expected)
     assert not torch.isclose(expected, torch.nn.functional.cross_entropy(logits, inputs["labels"]))
 
@@ -229,3 +236,55 @@ def test_gradient_accumulation_gives_the_loss_of_the_whole_batch(tmp_path, arch)
         trainer.train()
         losses.append(next(h["loss"] for h in trainer.state.log_history if "loss" in h))
     assert losses[1] == pytest.approx(losses[0], rel=1e-3)
+
+
+class _TwoForwards(tspeft.TSTrainer):
+    """A loss over two batches before one backward (chosen/rejected style), the second without padding."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        padded = batch("llama", seed=1, b=2, t=10, pad=4)
+        full = batch("llama", seed=2, b=2, t=10, pad=0)
+        return model(**padded).loss + model(**full).loss
+
+
+@pytest.mark.parametrize("checkpointing", [None, {}, {"use_reentrant": False}])
+def test_trainer_checkpointing_replays_each_forwards_padding_mask(tmp_path, checkpointing):
+    def thresholds_after_a_step(**kw):
+        # the plain rule: the step is s * g_k itself (Adam's first step would be s * sign(g_k) whatever g_k is)
+        config = tspeft.TSConfig(lam=1e-1, s=1e-2, rule="plain")
+        model = tspeft.enable(with_adapter(tiny_llama(), "llama", "lora"), config)
+        _trainer(model, tmp_path, max_steps=1, save_strategy="no", logging_steps=1, trainer_class=_TwoForwards,
+                 **kw).train()
+        return tspeft.thresholds(model)
+
+    plain = thresholds_after_a_step()
+    kw = {} if checkpointing is None else {"gradient_checkpointing_kwargs": checkpointing}
+    assert thresholds_after_a_step(gradient_checkpointing=True, **kw) == pytest.approx(plain, abs=1e-7)
+
+
+def test_trainer_reentrant_checkpointing_warns(tmp_path):
+    model = _ts_model()
+    with pytest.warns(UserWarning, match="reentrant activation checkpointing cannot replay"):
+        _trainer(model, tmp_path, max_steps=1, save_strategy="no", gradient_checkpointing=True,
+                 gradient_checkpointing_kwargs={"use_reentrant": True}).train()
+
+
+def test_resuming_with_another_threshold_rule_is_refused(tmp_path):
+    _trainer(_ts_model(), tmp_path / "run", max_steps=3).train()
+    other = tspeft.enable(with_adapter(tiny_llama(), "llama", "lora"), tspeft.TSConfig(lam=1e-3, s=1e-4))
+    with pytest.raises(ValueError, match=r"another threshold rule \(s 0.02 -> 0.0001\)"):
+        _trainer(other, tmp_path / "run", max_steps=6).train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-3"))
+    again = tspeft.enable(with_adapter(tiny_llama(), "llama", "lora"), tspeft.TSConfig(lam=1e-2, s=2e-2))
+    _trainer(again, tmp_path / "run", max_steps=6).train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-3"))
+
+
+def test_a_trainer_trains_the_thresholds_of_a_model_enabled_again(tmp_path):
+    model = _ts_model()
+    trainer = _trainer(model, tmp_path, max_steps=2, save_strategy="no")
+    trainer.train()
+    tspeft.disable(model)
+    tspeft.enable(model, tspeft.TSConfig(lam=1e-3, s=2e-2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "optimizer passed in" warning: the trainer built it
+        trainer.train()
+    assert all(tau != 0.0 for tau in tspeft.thresholds(model).values())

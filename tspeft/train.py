@@ -186,6 +186,19 @@ def _has_module(model: nn.Module, suffix: str) -> bool:
 # ---------------------------------------------------------------------------------------------- trainer
 
 
+def _diverged(what: str, step: int, run_dir: Path) -> str:
+    return (f"{what} at step {step}: training diverged, stopping; no adapter or result is written. The "
+            f"checkpoints are in {run_dir / 'checkpoints'} (the newest may hold the diverged weights); lower the "
+            "learning rate and train again, or resume from an earlier checkpoint.")
+
+
+def _check_finite(model: nn.Module, step: int, run_dir: Path) -> None:
+    bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    if bad:
+        raise FloatingPointError(_diverged(f"{len(bad)} trained parameter(s) are not finite, e.g. {bad[0]}",
+                                           step, run_dir))
+
+
 def _callbacks(run_dir: Path, model: nn.Module):
     from transformers import TrainerCallback
 
@@ -200,11 +213,10 @@ def _callbacks(run_dir: Path, model: nn.Module):
             logs = logs or {}
             if "loss" not in logs:
                 return
-            if not math.isfinite(logs["loss"]):
-                raise FloatingPointError(
-                    f"loss is {logs['loss']} at step {state.global_step}: stopping. The last whole checkpoint "
-                    f"is in {run_dir / 'checkpoints'}; lower the learning rate and resume with --resume."
-                )
+            for key in ("loss", "grad_norm"):  # NaN adapters give a NaN grad_norm even when the loss is finite
+                value = logs.get(key)
+                if value is not None and not math.isfinite(value):
+                    raise FloatingPointError(_diverged(f"{key} is {value}", state.global_step, run_dir))
             record = {"step": state.global_step, "epoch": state.epoch, "loss": logs["loss"],
                       "lr": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
                       "threshold_mean": logs.get("ts_threshold_mean"), "sparsity": logs.get("ts_sparsity"),
@@ -302,6 +314,7 @@ def train(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
         seed=cfg.seed, data_seed=cfg.seed, report_to="none", remove_unused_columns=False,
         dataloader_num_workers=0, bf16=cfg.bf16, fp16=cfg.fp16, use_cpu=not torch.cuda.is_available(),
         disable_tqdm=os.environ.get("TSPEFT_QUIET") == "1",
+        logging_nan_inf_filter=False,  # a non-finite loss must reach the log (RunLog stops the run), not be averaged away
     )
     trainer = TSTrainer(
         model=model, args=args, train_dataset=train_set,
@@ -322,6 +335,7 @@ def train(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
     if not trainer.is_world_process_zero():
         return {}  # data parallel: rank 0 alone evaluates and writes the run directory
     model = unwrap(trainer.model)
+    _check_finite(model, trainer.state.global_step, run_dir)  # between logging steps too: no NaN adapter is saved
     eval_records = _eval_records(data, cfg)
     result = evaluate(model, tokenizer, data.spec, head, eval_records, cfg)
     if is_enabled(model) and head != "causal-lm":

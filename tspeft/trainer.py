@@ -50,7 +50,7 @@ from .io import (
     load_ts_state,
     save_pretrained,
 )
-from .model import STATS, gated_modules, is_enabled
+from .model import STATS, checkpoint_context_fn, gated_modules, is_enabled
 from .optim import (
     TSOptimizer,
     adapter_parameters,
@@ -119,6 +119,12 @@ class TSTrainer(Trainer):
 
     def create_optimizer(self, model=None):
         model = model if model is not None else self.model
+        built = getattr(self, "_ts_built_optimizer", None)
+        current = getattr(self.optimizer, "optimizer", self.optimizer)  # inside accelerate's wrapper after a train()
+        if built is not None and current is built and not _rules_thresholds(unwrap(model), built):
+            # built by an earlier train() for thresholds since dropped (tspeft.disable, then enable again):
+            # build it anew for the model as it is now, with its scheduler
+            self.optimizer = self.lr_scheduler = None
         if is_enabled(unwrap(model)):
             if self.optimizer is None:  # not passed in by the caller (optimizers=(...))
                 if not str(getattr(self.args.optim, "value", self.args.optim)).startswith("adamw"):
@@ -127,12 +133,15 @@ class TSTrainer(Trainer):
                 self.optimizer = optimizer(unwrap(model), lr=self.args.learning_rate,
                                            weight_decay=self.args.weight_decay, eps=self.args.adam_epsilon,
                                            betas=(self.args.adam_beta1, self.args.adam_beta2))
+                self._ts_built_optimizer = self.optimizer
             else:
                 _check_thresholds_optimized(unwrap(model), self.optimizer)
             scaler = getattr(self.accelerator, "scaler", None)
             if scaler is not None:  # whoever built the optimizer: lambda's term must be scaled like the loss
                 attach_grad_scaler(unwrap(model), scaler)
-        return super().create_optimizer(model) if self.optimizer is None else self.optimizer
+        if self.optimizer is None:
+            self._ts_built_optimizer = super().create_optimizer(model)
+        return self.optimizer
 
     def _clip_grad_norm(self, model):
         params = adapter_parameters(unwrap(model))  # thresholds stay out of clipping (see tspeft.clip_grad_norm_)
@@ -170,6 +179,8 @@ class TSTrainer(Trainer):
                 f"{resume_from_checkpoint} is a token-selective checkpoint, but token selection is not enabled on "
                 "this model: call tspeft.enable(model, config) (the run's TSConfig) before resuming"
             )
+        if is_enabled(target) and (Path(resume_from_checkpoint) / CONFIG_NAME).is_file():
+            _check_resumed_rule(target, resume_from_checkpoint)
         if not _load_parallel_adapters(target, resume_from_checkpoint):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
             if is_enabled(target) and not _whole_model_checkpoint(target, resume_from_checkpoint):
@@ -199,17 +210,21 @@ class TSTrainer(Trainer):
     def train(self, *args: Any, **kwargs: Any):
         if is_enabled(unwrap(self.model)):
             reset_stats(unwrap(self.model))  # the first window counts this run's training tokens only
-        return super().train(*args, **kwargs)
+        with _checkpointing_replays_masks(self.model, unwrap(self.model)):
+            return super().train(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         choice_mask = inputs.pop("choice_mask", None)
+        labels = inputs.get("labels")  # read first: with a label smoother, Trainer takes them out of inputs
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        if choice_mask is not None and "labels" in inputs:
+        if choice_mask is not None and labels is not None:
             # the model's cross-entropy counts filler choices (pad rows) as wrong answers; the same loss without
-            # them, with whatever scaling the model or Trainer gave its own (gradient accumulation)
-            logits, labels = outputs.logits.float(), inputs["labels"]
-            dense = torch.nn.functional.cross_entropy(logits, labels)
-            masked = torch.nn.functional.cross_entropy(logits.masked_fill(~choice_mask, float("-inf")), labels)
+            # them (label smoothing spread over the real choices only), with whatever scaling the model or
+            # Trainer gave its own (gradient accumulation)
+            logits = outputs.logits.float()
+            smoothing = self.args.label_smoothing_factor if self.label_smoother is not None else 0.0
+            dense = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=smoothing)
+            masked = _choice_cross_entropy(logits, labels, choice_mask, smoothing)
             loss = masked * (loss / dense).detach()
         return (loss, outputs) if return_outputs else loss
 
@@ -237,6 +252,81 @@ def _check_thresholds_optimized(model: nn.Module, opt: Any) -> None:
             "lr = s, betas of TSConfig, no weight decay); build it with tspeft.optimizer(model, lr=...) instead",
             stacklevel=3,
         )
+
+
+def _choice_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, choice_mask: torch.Tensor,
+                          smoothing: float) -> torch.Tensor:
+    """Return the mean cross-entropy over the real choices only, label smoothing spread over those."""
+    logp = logits.masked_fill(~choice_mask, float("-inf")).log_softmax(-1)
+    nll = -logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    if smoothing == 0.0:
+        return nll.mean()
+    uniform = -(logp.masked_fill(~choice_mask, 0.0).sum(-1) / choice_mask.sum(-1))
+    return ((1.0 - smoothing) * nll + smoothing * uniform).mean()
+
+
+def _rules_thresholds(model: nn.Module, opt: Any) -> bool:
+    """Return True if `opt` holds exactly the model's thresholds (none for a dense model)."""
+    held = {id(p) for g in opt.param_groups if g.get("ts_threshold") for p in g["params"]}
+    taus = {id(p) for p in threshold_parameters(model).values()} if is_enabled(model) else set()
+    return held == taus
+
+
+RULE_FIELDS = ("s", "betas", "eps", "rule", "follow_schedule")
+"""TSConfig fields that a resumed optimizer takes from its checkpoint, whatever the model's config says."""
+
+
+def _check_resumed_rule(model: nn.Module, checkpoint: str) -> None:
+    from .config import TSConfig
+    from .model import controller
+
+    saved, current = TSConfig.load(checkpoint).to_dict(), controller(model).config.to_dict()
+    changed = [f"{k} {saved[k]!r} -> {current[k]!r}" for k in RULE_FIELDS if saved.get(k) != current.get(k)]
+    if changed:
+        raise ValueError(
+            f"{checkpoint} was trained with another threshold rule ({'; '.join(changed)}): a resumed optimizer "
+            "keeps the checkpoint's, so the change would not apply. Enable the model with the checkpoint's "
+            f"config (tspeft.TSConfig.load({str(checkpoint)!r})), or start a new run"
+        )
+
+
+_CHECKPOINTING_KWARGS = {"activation_checkpointing_enable": "activation_checkpointing_kwargs",
+                         "gradient_checkpointing_enable": "gradient_checkpointing_kwargs"}
+
+
+@contextlib.contextmanager
+def _checkpointing_replays_masks(called: nn.Module, model: nn.Module) -> Iterator[None]:
+    """Within the block, Trainer's activation checkpointing (``TrainingArguments(gradient_checkpointing=True)``)
+    of a token-selective model is non-reentrant with :func:`tspeft.checkpoint_context_fn`, so that a
+    recompute reads the padding mask of the forward it replays; ``use_reentrant=True`` warns instead."""
+    patched = []
+    if is_enabled(model):
+        for name, key in _CHECKPOINTING_KWARGS.items():
+            original = getattr(called, name, None)
+            if not callable(original) or name in called.__dict__:
+                continue
+
+            def enable(*args: Any, _original=original, _key=key, **kwargs: Any) -> Any:
+                options = dict((args[0] if args else kwargs.pop(_key, None)) or {})
+                if options.get("use_reentrant") is True:
+                    warnings.warn(
+                        "tspeft.TSTrainer: reentrant activation checkpointing cannot replay the padding mask of "
+                        "each forward in its recompute; with several forwards before one backward, g_k counts "
+                        "the wrong tokens. Leave use_reentrant unset (non-reentrant, with the replay)",
+                        stacklevel=2,
+                    )
+                else:
+                    options.setdefault("use_reentrant", False)
+                    options.setdefault("context_fn", checkpoint_context_fn(model))
+                return _original(*args[1:], **{_key: options}, **kwargs)
+
+            called.__dict__[name] = enable
+            patched.append(name)
+    try:
+        yield
+    finally:
+        for name in patched:
+            called.__dict__.pop(name, None)
 
 
 def _load_parallel_adapters(model: nn.Module, checkpoint: str) -> bool:
