@@ -213,7 +213,9 @@ def _callbacks(run_dir: Path, model: nn.Module):
             logs = logs or {}
             if "loss" not in logs:
                 return
-            for key in ("loss", "grad_norm"):  # NaN adapters give a NaN grad_norm even when the loss is finite
+            # NaN adapters give a NaN grad_norm even when the loss is finite; under fp16 the loss scaler skips a
+            # step whose gradients overflow (inf grad_norm), which is no divergence
+            for key in ("loss",) if args.fp16 else ("loss", "grad_norm"):
                 value = logs.get(key)
                 if value is not None and not math.isfinite(value):
                     raise FloatingPointError(_diverged(f"{key} is {value}", state.global_step, run_dir))
