@@ -214,20 +214,35 @@ def test_parallel_adapters_still_resume_from_a_whole_model_checkpoint(tmp_path, 
         assert tau == pytest.approx(final[name], rel=1e-5, abs=1e-7)
 
 
-@pytest.mark.parametrize("arch", ["bert", "llama"])
+def _llama_classifier():
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    base = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_labels=2, pad_token_id=0))
+    return get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS"))
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama", "llama-classifier"])
 def test_gradient_accumulation_gives_the_loss_of_the_whole_batch(tmp_path, arch):
-    """BERT's classifier takes **kwargs but its loss is a per-batch mean: Trainer alone would add the
-    accumulated micro-batches' losses (2x here), and mu in g_k would outweigh lambda's term twice over."""
+    """BERT's classifier and transformers' generic one (Llama, Qwen, ...) take **kwargs but their loss is a
+    per-batch mean: Trainer alone would add the accumulated micro-batches' losses (2x here), and mu in g_k
+    would outweigh lambda's term twice over. The causal LM's loss divides by num_items_in_batch."""
     from conftest import tiny_bert
 
     rows = []
     for i in range(16):
-        b = batch(arch, seed=i, b=1, t=10, pad=3 * (i % 2))
+        b = batch("llama" if arch == "llama" else "bert", seed=i, b=1, t=10, pad=3 * (i % 2))
         rows.append({k: v[0] for k, v in b.items()})
     losses = []
     for size, accumulate in ((8, 1), (4, 2)):
-        base = tiny_bert(dropout=0.0) if arch == "bert" else tiny_llama()
-        model = tspeft.enable(with_adapter(base, arch, "lora"), tspeft.TSConfig(lam=1e-3, s=2e-2))
+        if arch == "llama-classifier":
+            adapted = _llama_classifier()
+        else:
+            adapted = with_adapter(tiny_bert(dropout=0.0) if arch == "bert" else tiny_llama(), arch, "lora")
+        model = tspeft.enable(adapted, tspeft.TSConfig(lam=1e-3, s=2e-2))
         args = TrainingArguments(output_dir=str(tmp_path / str(size)), per_device_train_batch_size=size,
                                  gradient_accumulation_steps=accumulate, max_steps=1, logging_steps=1,
                                  learning_rate=5e-3, report_to="none", use_cpu=True, seed=0, data_seed=0,

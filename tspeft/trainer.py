@@ -92,7 +92,26 @@ def _loss_ignores_item_count(model: nn.Module) -> bool:
         source = inspect.getsource(type(inner).forward)
     except (OSError, TypeError):
         return False
-    return "loss_function" not in source and "num_items_in_batch" not in source
+    if "num_items_in_batch" in source:
+        return False
+    # self.loss_function(...) divides by num_items_in_batch only if the call passes it on (``**kwargs``):
+    # the causal LMs' and ViT's do, transformers' generic sequence classifier (Llama, Qwen, ...) does not
+    return not any("**" in call for call in _calls(source, "loss_function("))
+
+
+def _calls(source: str, opening: str) -> list[str]:
+    """Return the argument text of every call in `source` that starts with `opening` (up to its closing paren)."""
+    out, start = [], source.find(opening)
+    while start != -1:
+        depth, end = 0, len(source)
+        for i in range(start + len(opening) - 1, len(source)):
+            depth += {"(": 1, ")": -1}.get(source[i], 0)
+            if depth == 0:
+                end = i
+                break
+        out.append(source[start + len(opening):end])
+        start = source.find(opening, end)
+    return out
 
 
 def _is_adalora(model: nn.Module) -> bool:
@@ -123,8 +142,10 @@ class TSTrainer(Trainer):
         current = getattr(self.optimizer, "optimizer", self.optimizer)  # inside accelerate's wrapper after a train()
         if built is not None and current is built and not _rules_thresholds(unwrap(model), built):
             # built by an earlier train() for thresholds since dropped (tspeft.disable, then enable again):
-            # build it anew for the model as it is now, with its scheduler
+            # build it anew for the model as it is now, with its scheduler, and wrap the model again: a
+            # DistributedDataParallel made for the old parameters would not average the new thresholds' gradients
             self.optimizer = self.lr_scheduler = None
+            self.model_wrapped = self.model
         if is_enabled(unwrap(model)):
             if self.optimizer is None:  # not passed in by the caller (optimizers=(...))
                 if not str(getattr(self.args.optim, "value", self.args.optim)).startswith("adamw"):
