@@ -207,3 +207,49 @@ def test_automatic_choice():
             assert kernels.enabled(cpu.cuda().double()) is False
     with kernels.use(False):
         assert kernels.enabled(cpu) is False
+
+
+def _same_or_both_nan(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+@in_child
+@pytest.mark.parametrize("where", ["z", "base_norm", "scale"])
+def test_non_finite_values_reach_the_same_places_as_in_the_reference(where):
+    """A NaN in z, in a base norm or in the scale: the kernels keep it where the reference does (the
+    statistics, an inactive token's zw, the loss) instead of dropping it (maxnum) or selecting around it."""
+    z, B, base_norm, real, c, tau = _case(70, 8, torch.float32, tensor_scale=True)
+    if where == "z":
+        z[10, 2] = float("nan")
+        base_norm[1], z[1, 0] = 0.0, float("nan")  # a zero base too: the reference leaves this token inactive
+    elif where == "base_norm":
+        base_norm[20] = float("nan")
+    else:
+        c = torch.tensor([float("nan")], device=DEVICE)
+    gB = torch.randn(70, 8, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    out = {}
+    for use in (False, True):
+        stats = torch.zeros(4, dtype=torch.float64, device=DEVICE)
+        with kernels.use(use):
+            zw, mask = _rank_forward(z, B, c.reshape(()), base_norm, tau, real, stats)
+            back = _rank_backward(gB, z, mask, real, c.reshape(()), 0.1, None, (True, True, True, True))
+        out[use] = (zw, mask, stats, back)
+    (zw0, mask0, stats0, back0), (zw1, mask1, stats1, back1) = out[False], out[True]
+    assert torch.equal(mask0, mask1)
+    _same_or_both_nan(zw0, zw1)
+    _same_or_both_nan(stats0, stats1)
+    for ref, ker in zip(back0, back1):
+        _same_or_both_nan(ref.reshape(-1), ker.reshape(-1))
+
+
+@in_child
+def test_a_strided_mask_is_read_as_the_reference_reads_it():
+    z, B, base_norm, real, c, tau = _case(70, 8, torch.float32, tensor_scale=False)
+    mask = (torch.rand(140, generator=torch.Generator().manual_seed(5)) > 0.5).to(DEVICE)[::2]  # stride 2
+    gB = torch.randn(70, 8, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    out = {}
+    for use in (False, True):
+        with kernels.use(use):
+            out[use] = _rank_backward(gB, z, mask, real, c, 0.1, None, (True, True, True, False))
+    for ref, ker in zip(out[False][:3], out[True][:3]):
+        torch.testing.assert_close(ker, ref, rtol=1e-5, atol=1e-6)

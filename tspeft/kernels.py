@@ -63,12 +63,13 @@ def _build() -> SimpleNamespace | None:
             c = tl.load(c_ptr).to(tl.float32)
         else:
             c = c_val
-        dn = tl.sqrt_rn(tl.maximum(tl.sum(z * zg, axis=1), 0.0)) * tl.abs(c)  # ||delta_i||, IEEE sqrt
+        # ||delta_i||, IEEE sqrt; a NaN in z stays NaN (tl.maximum drops it by default), as the reference's clamp
+        dn = tl.sqrt_rn(tl.maximum(tl.sum(z * zg, axis=1), 0.0, propagate_nan=tl.PropagateNan.ALL)) * tl.abs(c)
         bn = tl.load(bn_ptr + rows, mask=rin, other=1.0)  # ||W0 x_i||
         tau = tl.load(tau_ptr).to(tl.float32)
         thr = tl.zeros_like(bn) + tau  # (BLOCK,): broadcast before comparing (the interpreter needs it)
         active = (dn >= thr * bn) | (thr <= 0.0)  # Eq. 3; thr <= 0: every token, even with a zero base
-        w = tl.where(active, c, 0.0)
+        w = tl.where(active, 1.0, 0.0) * c  # mask * c: 0 * nan/inf is nan, as in the reference
         tl.store(zw_ptr + rows[:, None] * stride_zw + cols[None, :], (z * w[:, None]).to(zw_ptr.dtype.element_ty), mask=m2)
         tl.store(mask_ptr + rows, active.to(tl.uint8), mask=rin)
         if STATS:
@@ -76,7 +77,7 @@ def _build() -> SimpleNamespace | None:
                 wr = tl.where(rin, tl.load(real_ptr + rows, mask=rin, other=0).to(tl.float32), 0.0)
             else:
                 wr = tl.where(rin, 1.0, 0.0)
-            ratio = dn / tl.maximum(bn, tiny)
+            ratio = dn / tl.maximum(bn, tiny, propagate_nan=tl.PropagateNan.ALL)  # a NaN norm: ratio NaN -> 0
             ratio = tl.where(ratio != ratio, 0.0, tl.minimum(ratio, fmax))  # nan_to_num(nan=0, posinf=max)
             tl.store(part_ptr + pid * 4 + 0, tl.sum(tl.where(active, wr, 0.0), axis=0))
             tl.store(part_ptr + pid * 4 + 1, tl.sum(wr, axis=0))
@@ -103,7 +104,7 @@ def _build() -> SimpleNamespace | None:
             c = c_val
         dot = tl.sum(gb * z, axis=1)  # <B^T g_i, z_i>
         mu = dot * c  # Eq. 9
-        w = tl.where(active, c, 0.0)
+        w = tl.where(active, 1.0, 0.0) * c  # mask * c: 0 * nan/inf is nan, as in the reference
         tl.store(gz_ptr + rows[:, None] * stride_gz + cols[None, :], (gb * w[:, None]).to(gz_ptr.dtype.element_ty), mask=m2)
         tl.store(zw_ptr + rows[:, None] * stride_zw + cols[None, :], (z * w[:, None]).to(zw_ptr.dtype.element_ty), mask=m2)
         # sum of consistent mu as a product with a 0/1 weight, as tspeft.gate.threshold_grad: a non-finite
@@ -225,8 +226,9 @@ def gate_backward(
     blocks = max(1, -(-n // BLOCK_N))
     part = torch.empty(blocks, 3, dtype=torch.float32, device=z2.device)
     c_t, c_v, c_ptr = _scale_args(c, z2.device)
+    flags = mask.contiguous().view(torch.uint8)  # read with stride 1
     k.gate_bwd[(blocks,)](
-        gB, z2, mask.view(torch.uint8), real.contiguous().view(torch.uint8) if real is not None else mask.view(torch.uint8),
+        gB, z2, flags, real.contiguous().view(torch.uint8) if real is not None else flags,
         c_t if c_ptr else gz, gz, zw, part,
         n, r, gB.stride(0), z2.stride(0), gz.stride(0), zw.stride(0), c_v,
         HAS_REAL=real is not None, C_PTR=c_ptr, BLOCK=BLOCK_N, BLOCK_R=max(triton_next_pow2(r), 2),
