@@ -35,6 +35,9 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(64, 172, 2, 4, 2, 256, 2, 32, 4, 0.0, "float32"),
     "cpu": Preset(512, 1376, 4, 8, 2, 4096, 4, 256, 16, 0.0, "float32"),
+    # the bundled demo model's widths and depth (MiniLM-L6: hidden 384, 6 layers) and the demo's 16 x 64
+    # tokens, r = 8, in the benchmark's Llama shape: what the gate costs at a small, real model's size
+    "minilm-shape": Preset(384, 1536, 6, 12, 12, 4096, 16, 64, 8, 0.0, "float32"),
     "llama8b-4layers": Preset(4096, 14336, 4, 32, 8, 128256, 8, 1024, 32, 0.05, "bfloat16"),
 }
 
