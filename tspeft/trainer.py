@@ -22,7 +22,13 @@ What it changes in ``Trainer``, and nothing else:
   ``tspeft.from_pretrained`` loads;
 - a peft AdaLoRA model gets ``update_and_allocate`` after every optimizer step (peft leaves it to the loop);
 - a multiple-choice batch from :func:`tspeft.data.collate` with ``return_choice_mask=True`` has its filler
-  choices (questions with fewer choices than the batch's widest) kept out of the loss.
+  choices (questions with fewer choices than the batch's widest) kept out of the loss, label smoothing too;
+- a model whose loss is a per-batch mean although its forward takes ``**kwargs`` (BERT's classifiers,
+  transformers' generic sequence classifier) is scaled as one under gradient accumulation and data
+  parallelism (Trainer alone would take it for a loss divided by ``num_items_in_batch``);
+- ``gradient_checkpointing=True`` checkpoints non-reentrantly with :func:`tspeft.checkpoint_context_fn`
+  (``use_reentrant=True`` warns); resuming with another threshold rule than the checkpoint's is refused;
+  an optimizer it built for thresholds since replaced (``disable``, then ``enable``) is built again.
 
 A dense peft model (token selection not enabled) trains as with ``Trainer``, AdaLoRA's allocation included.
 """
@@ -45,6 +51,7 @@ from .config import CONFIG_NAME
 from .io import (
     ADAPTER_WEIGHTS,
     STATE_NAME,
+    _adapter_dir,
     is_parallel_adapter_model,
     load_parallel_adapter_weights,
     load_ts_state,
@@ -126,6 +133,7 @@ class TSTrainer(Trainer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._ts_built_optimizer = None  # the optimizer create_optimizer built (not one passed in)
         model = unwrap(self.model)
         if _is_adalora(model):
             self.add_callback(AdaLoraAllocation(model))
@@ -138,7 +146,7 @@ class TSTrainer(Trainer):
 
     def create_optimizer(self, model=None):
         model = model if model is not None else self.model
-        built = getattr(self, "_ts_built_optimizer", None)
+        built = self._ts_built_optimizer
         current = getattr(self.optimizer, "optimizer", self.optimizer)  # inside accelerate's wrapper after a train()
         if built is not None and current is built and not _rules_thresholds(unwrap(model), built):
             # built by an earlier train() for thresholds since dropped (tspeft.disable, then enable again):
@@ -195,13 +203,15 @@ class TSTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         target = unwrap(model if model is not None else self.model)
-        if not is_enabled(target) and (Path(resume_from_checkpoint) / CONFIG_NAME).is_file():
+        if is_enabled(target):
+            saved = _adapter_dir(target, resume_from_checkpoint)  # a subfolder for an adapter not named default
+            if (saved / CONFIG_NAME).is_file():
+                _check_resumed_rule(target, saved)
+        elif (Path(resume_from_checkpoint) / CONFIG_NAME).is_file():
             raise ValueError(
                 f"{resume_from_checkpoint} is a token-selective checkpoint, but token selection is not enabled on "
                 "this model: call tspeft.enable(model, config) (the run's TSConfig) before resuming"
             )
-        if is_enabled(target) and (Path(resume_from_checkpoint) / CONFIG_NAME).is_file():
-            _check_resumed_rule(target, resume_from_checkpoint)
         if not _load_parallel_adapters(target, resume_from_checkpoint):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
             if is_enabled(target) and not _whole_model_checkpoint(target, resume_from_checkpoint):
@@ -297,7 +307,7 @@ RULE_FIELDS = ("s", "betas", "eps", "rule", "follow_schedule")
 """TSConfig fields that a resumed optimizer takes from its checkpoint, whatever the model's config says."""
 
 
-def _check_resumed_rule(model: nn.Module, checkpoint: str) -> None:
+def _check_resumed_rule(model: nn.Module, checkpoint: Path) -> None:
     from .config import TSConfig
     from .model import controller
 
