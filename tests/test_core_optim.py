@@ -229,3 +229,15 @@ def test_the_rule_state_outlives_its_optimizer(tmp_path):
     for name, p in tspeft.threshold_parameters(loaded).items():
         assert float(second.state[p]["exp_avg"]) == pytest.approx(float(live[name]["exp_avg"]))
 
+
+
+def test_a_new_optimizer_continues_the_rule_state_of_the_one_before():
+    """opt = tspeft.optimizer(model) in a loop: each continues the moments, whatever order the old ones die in."""
+    model = tspeft.enable(with_adapter(tiny_llama(), "llama", "lora"), tspeft.TSConfig(s=1e-2))
+    for _ in range(3):
+        opt = tspeft.optimizer(model, lr=1e-3)  # built while the previous one is still referenced
+        _steps(model, opt, n=1)
+    assert {float(opt.state[p]["step"]) for p in tspeft.threshold_parameters(model).values()} == {3.0}
+    del opt
+    state = tspeft.optim.threshold_state(model)
+    assert {float(s["step"]) for s in state.values()} == {3.0}  # the newest one's, kept after it is gone

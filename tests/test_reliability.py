@@ -550,20 +550,41 @@ def test_generation_with_a_static_cache_reads_the_mask_generate_was_given():
     assert 0 < sum(s["active"] for s in dynamic_stats.values()) < sum(s["tokens"] for s in dynamic_stats.values())
 
 
-def test_padding_stays_out_of_layers_that_take_the_sequence_flattened():
-    """OPT's feed-forward (and many MoE shared experts) reads (batch * seq, d) rows, not (batch, seq, d)."""
+def test_padding_stays_out_of_layers_that_take_a_view_of_the_sequence_flattened():
+    """Qwen2-MoE's shared expert reads a (batch * seq, d) view of the sequence: its rows are the tokens in
+    order. Its down_proj reads rows computed from those, which could as well be a routed expert's gathered
+    rows (as many, in another order): every row of it counts as real, none is given another token's flag."""
     from peft import LoraConfig, get_peft_model
-    from transformers import OPTConfig, OPTForCausalLM
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
     torch.manual_seed(0)
-    base = OPTForCausalLM(OPTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, ffn_dim=48,
-                                    vocab_size=64, max_position_embeddings=64, word_embed_proj_dim=32))
-    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "fc1", "fc2"]))
+    base = Qwen2MoeForCausalLM(Qwen2MoeConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
+        moe_intermediate_size=16, shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+        vocab_size=64, max_position_embeddings=64))
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "gate_proj", "down_proj"]))
     tspeft.enable(model, tspeft.TSConfig(lam=1.0))
     ids = torch.randint(3, 64, (2, 8))
     mask = torch.ones(2, 8, dtype=torch.long)
     mask[1, 5:] = 0  # 13 real tokens of 16
     (model(input_ids=ids, attention_mask=mask).logits.sum() * 0).backward()  # g_k = lambda * active real tokens
-    for name, stats in tspeft.module_stats(model).items():
-        assert stats["tokens"] == 13, name
-        assert float(tspeft.threshold_parameters(model)[name].grad) == -13.0
+    stats = tspeft.module_stats(model)
+    assert {n.split("layers.0.")[-1] for n in stats} == {"self_attn.q_proj", "mlp.shared_expert.gate_proj",
+                                                          "mlp.shared_expert.down_proj"}
+    for name, s in stats.items():
+        real = 16 if name.endswith("down_proj") else 13
+        assert s["tokens"] == real, name
+        assert float(tspeft.threshold_parameters(model)[name].grad) == -real
+
+
+def test_rows_gathered_in_another_order_are_not_given_the_sequences_flags():
+    """A routed expert's rows: as many as the tokens (top-2 of 2 experts), ordered by routing, not by token."""
+    model = tspeft.enable(with_adapter(tiny_llama(), "llama", "lora"), tspeft.TSConfig())
+    ctrl = model._tspeft
+    ctrl.token_mask = torch.tensor([[True, True, True, True], [True, True, False, False]])
+    hidden = torch.randn(2, 4, 8)
+    flat = hidden.reshape(-1, 8)
+    assert torch.equal(ctrl.real_tokens(flat), ctrl.token_mask.reshape(-1))  # the sequence, flattened in order
+    order = torch.tensor([1, 2, 3, 6, 7, 0, 4, 5])
+    assert ctrl.real_tokens(flat[order]) is None  # gathered: every row counts
+    assert ctrl.real_tokens(torch.randn(8, 8)) is None  # another tensor with as many rows

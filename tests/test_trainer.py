@@ -262,7 +262,21 @@ class _TwoForwards(tspeft.TSTrainer):
         return model(**padded).loss + model(**full).loss
 
 
-@pytest.mark.parametrize("checkpointing", [None, {}, {"use_reentrant": False}])
+def _counting_context_fn(calls):
+    import contextlib
+
+    def context_fn():
+        calls.append(1)
+        return contextlib.nullcontext(), contextlib.nullcontext()
+
+    return context_fn
+
+
+_OWN_CONTEXT_CALLS: list = []
+
+
+@pytest.mark.parametrize("checkpointing", [None, {}, {"use_reentrant": False},
+                                           {"context_fn": _counting_context_fn(_OWN_CONTEXT_CALLS)}])
 def test_trainer_checkpointing_replays_each_forwards_padding_mask(tmp_path, checkpointing):
     def thresholds_after_a_step(**kw):
         # the plain rule: the step is s * g_k itself (Adam's first step would be s * sign(g_k) whatever g_k is)
@@ -274,7 +288,9 @@ def test_trainer_checkpointing_replays_each_forwards_padding_mask(tmp_path, chec
 
     plain = thresholds_after_a_step()
     kw = {} if checkpointing is None else {"gradient_checkpointing_kwargs": checkpointing}
+    _OWN_CONTEXT_CALLS.clear()
     assert thresholds_after_a_step(gradient_checkpointing=True, **kw) == pytest.approx(plain, abs=1e-7)
+    assert bool(_OWN_CONTEXT_CALLS) == ("context_fn" in (checkpointing or {}))  # a user's own runs as well
 
 
 def test_trainer_reentrant_checkpointing_warns(tmp_path):
@@ -303,3 +319,36 @@ def test_a_trainer_trains_the_thresholds_of_a_model_enabled_again(tmp_path):
         warnings.simplefilter("error", UserWarning)  # no "optimizer passed in" warning: the trainer built it
         trainer.train()
     assert all(tau != 0.0 for tau in tspeft.thresholds(model).values())
+
+
+def test_an_ignored_multiple_choice_label_stays_out_of_the_filler_free_loss(tmp_path):
+    from transformers import BertConfig, BertForMultipleChoice
+
+    from tspeft.data import collate
+
+    torch.manual_seed(0)
+    model = BertForMultipleChoice(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                             intermediate_size=48, max_position_embeddings=32)).eval()
+    rows = [{"input_ids": [[5, 6, 7], [5, 8], [5, 9, 9]], "attention_mask": [[1, 1, 1], [1, 1], [1, 1, 1]], "labels": 2},
+            {"input_ids": [[5, 10], [5, 11, 12]], "attention_mask": [[1, 1], [1, 1, 1]], "labels": 1}]
+    inputs = collate(rows, 0, return_choice_mask=True)
+    inputs["labels"][1] = -100  # cross_entropy's ignore_index: only the first question counts
+    trainer = tspeft.TSTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to="none",
+                                                                     use_cpu=True))
+    loss = trainer.compute_loss(model, dict(inputs))
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in inputs.items() if k not in ("choice_mask", "labels")}).logits
+    torch.testing.assert_close(loss.detach(), -logits[0].log_softmax(-1)[2])
+
+
+def test_a_subclass_that_hands_its_loss_on_keeps_trainers_loss_scaling():
+    from transformers import LlamaForCausalLM
+
+    from tspeft.trainer import _loss_ignores_item_count
+
+    class Mine(LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            return super().forward(*args, **kwargs)
+
+    model = Mine(tiny_llama().config)
+    assert not _loss_ignores_item_count(model)  # num_items_in_batch reaches LlamaForCausalLM's loss_function

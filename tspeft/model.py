@@ -43,6 +43,7 @@ class TSController:
         self.depth = 0  # calls of the hooked top-level model(s) under way
         self.grad_scaler: Any = None  # a torch.amp.GradScaler whose scale multiplies lambda's term
         self.optimizer_ref: weakref.ref | None = None
+        self.optimizer_generation = 0  # optimizers built for these thresholds (the newest keeps its rule state)
         self.pending_optimizer_state: dict[str, dict[str, torch.Tensor]] = {}
         self.hook_handles: list[Any] = []
         self.adapter_name: str | None = None  # the peft adapter that was active at enable (None: parallel adapters)
@@ -66,9 +67,10 @@ class TSController:
         """Return (N,) bool real-token flags for a layer input x (..., d), or None if every position counts.
 
         The captured mask (batch, seq) applies when x is that token sequence, i.e. x.shape[:-1] ==
-        (batch, seq) (or flattens to it), or the sequence flattened to (batch * seq, d) rows, as OPT's
-        feed-forward and many MoE shared experts take it. Other inputs — BERT's pooler (one vector per
-        sequence, unless seq is 1, when its rows are the tokens), a vision
+        (batch, seq) (or flattens to it), or a view of it flattened to (batch * seq, d) rows, as OPT's fc1 and
+        many MoE shared experts take it (rows computed from those, e.g. fc2's input, and rows gathered for a
+        routed expert count as real: their order is not the sequence's). Other inputs — BERT's pooler (one
+        vector per sequence), a vision
         tower's patches, cross-attention over another sequence — count every position as real. In an
         encoder-decoder model a decoder layer (`module`) reads the decoder's mask, unless its input is the
         encoder's output (cross-attention's key and value), which reads the encoder's.
@@ -78,8 +80,8 @@ class TSController:
             mask = self.decoder_mask
         if mask is None:
             return None
-        if x.dim() == 2:  # (batch * seq, d): the token sequence flattened, or something else of another length
-            return mask.reshape(-1) if x.shape[0] == mask.numel() else None
+        if x.dim() == 2:  # (batch * seq, d) rows: the token sequence only if they are a view of it, in order
+            return mask.reshape(-1) if _flattened_sequence(x, mask) else None
         if x.dim() < 2 or x.shape[-2] != mask.shape[-1]:
             return None
         if x[..., 0].numel() != mask.numel():
@@ -95,6 +97,16 @@ class TSController:
 
     def set_masks(self, masks: tuple[Any, Any, Any]) -> None:
         self.token_mask, self.decoder_mask, self.encoder_states = masks
+
+
+def _flattened_sequence(x: torch.Tensor, mask: torch.Tensor) -> bool:
+    """Return True if the rows of x (2-D) are a (batch, ..., seq, d) tensor's tokens in order: a view of the
+    whole of it, whose leading dims are the mask's (not a gather, not another tensor of as many rows)."""
+    base = x._base
+    return (
+        base is not None and base.dim() == mask.dim() + 1 and tuple(base.shape[:-1]) == tuple(mask.shape)
+        and base.numel() == x.numel() and base.data_ptr() == x.data_ptr() and x.is_contiguous()
+    )
 
 
 DECODER = "_ts_decoder"

@@ -238,12 +238,14 @@ def optimizer(
         }
     )
     opt = TSOptimizer(groups, lr=lr, weight_decay=weight_decay, **adamw_kwargs)
-    _restore_threshold_state(opt, taus, ctrl.pending_optimizer_state)
-    # The loaded state stays pending (the live optimizer's overlays it in threshold_state), and when this
-    # optimizer is gone its threshold state becomes the pending one: a save after it, or the next optimizer,
-    # still has the rule's moments (a fit() that builds and drops its optimizer, then save_pretrained).
+    # The rule's moments belong to the thresholds, not to one optimizer: a new optimizer continues from the
+    # latest state (the live previous optimizer's, else the pending one: loaded, or kept from a dead
+    # optimizer), and when the newest optimizer is gone its state becomes the pending one, so that a save
+    # after it still has the moments (a fit() that builds and drops its optimizer, then save_pretrained).
+    _restore_threshold_state(opt, taus, threshold_state(model))
     ctrl.optimizer_ref = weakref.ref(opt)
-    weakref.finalize(opt, _keep_rule_state, ctrl, opt.state, taus).atexit = False
+    ctrl.optimizer_generation = generation = ctrl.optimizer_generation + 1
+    weakref.finalize(opt, _keep_rule_state, ctrl, generation, opt.state, taus).atexit = False
     return opt
 
 
@@ -258,7 +260,9 @@ def _rule_entries(state: dict, taus: dict[str, nn.Parameter]) -> dict[str, dict[
     return out
 
 
-def _keep_rule_state(ctrl, state: dict, taus: dict[str, nn.Parameter]) -> None:
+def _keep_rule_state(ctrl, generation: int, state: dict, taus: dict[str, nn.Parameter]) -> None:
+    if generation != ctrl.optimizer_generation:  # a newer optimizer took the state over: this one's is older
+        return
     try:
         kept = _rule_entries(state, taus)
     except ValueError:  # sharded across ranks (FSDP): not whole here, and a finalizer cannot gather it

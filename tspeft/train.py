@@ -316,7 +316,9 @@ def train(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
         seed=cfg.seed, data_seed=cfg.seed, report_to="none", remove_unused_columns=False,
         dataloader_num_workers=0, bf16=cfg.bf16, fp16=cfg.fp16, use_cpu=not torch.cuda.is_available(),
         disable_tqdm=os.environ.get("TSPEFT_QUIET") == "1",
-        logging_nan_inf_filter=False,  # a non-finite loss must reach the log (RunLog stops the run), not be averaged away
+        # a non-finite loss must reach the log (RunLog stops the run), not be averaged away; under fp16 the loss
+        # scaler skips such a step, so there Trainer's filter stays and the final weights are checked
+        logging_nan_inf_filter=cfg.fp16,
     )
     trainer = TSTrainer(
         model=model, args=args, train_dataset=train_set,

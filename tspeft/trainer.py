@@ -35,8 +35,10 @@ A dense peft model (token selection not enabled) trains as with ``Trainer``, Ada
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import inspect
+import textwrap
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -87,38 +89,41 @@ class AdaLoraAllocation(TrainerCallback):
 
 
 def _loss_ignores_item_count(model: nn.Module) -> bool:
-    """Return True if the transformers model's forward computes a per-batch mean loss of its own (no
-    ``self.loss_function``, no ``num_items_in_batch``), though it takes ``**kwargs``; False if the model
-    declares ``accepts_loss_kwargs`` or its source cannot be read."""
+    """Return True if the transformers model's forward computes a per-batch mean loss of its own, though it
+    takes ``**kwargs``: a loss class (BERT's CrossEntropyLoss) or ``self.loss_function(...)`` called without
+    passing the keyword arguments on (transformers' generic sequence classifier: Llama, Qwen, ...). False
+    where the loss gets ``num_items_in_batch`` (the causal LMs', ViT's ``loss_function(..., **kwargs)``), where
+    the forward hands labels and keyword arguments on (a subclass's ``super().forward``, a wrapper), where it
+    computes no loss, where the model declares ``accepts_loss_kwargs``, or where its source cannot be read."""
     from peft import PeftModel
 
     inner = model.get_base_model() if isinstance(model, PeftModel) else model
     if "accepts_loss_kwargs" in dir(type(inner)):  # the model says which it is: Trainer already followed it
         return False
     try:
-        source = inspect.getsource(type(inner).forward)
-    except (OSError, TypeError):
+        tree = ast.parse(textwrap.dedent(inspect.getsource(type(inner).forward)))
+    except (OSError, TypeError, SyntaxError):
         return False
-    if "num_items_in_batch" in source:
+    calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call)]
+
+    def name(call: ast.Call) -> str:
+        return getattr(call.func, "attr", getattr(call.func, "id", ""))
+
+    def passes_kwargs(call: ast.Call) -> bool:
+        return any(k.arg is None for k in call.keywords)
+
+    def mentions(call: ast.Call, word: str) -> bool:
+        return any(isinstance(n, ast.Name) and n.id == word for n in ast.walk(call)) or any(
+            k.arg == word for k in call.keywords)
+
+    if any(mentions(c, "num_items_in_batch") for c in calls):
         return False
-    # self.loss_function(...) divides by num_items_in_batch only if the call passes it on (``**kwargs``):
-    # the causal LMs' and ViT's do, transformers' generic sequence classifier (Llama, Qwen, ...) does not
-    return not any("**" in call for call in _calls(source, "loss_function("))
-
-
-def _calls(source: str, opening: str) -> list[str]:
-    """Return the argument text of every call in `source` that starts with `opening` (up to its closing paren)."""
-    out, start = [], source.find(opening)
-    while start != -1:
-        depth, end = 0, len(source)
-        for i in range(start + len(opening) - 1, len(source)):
-            depth += {"(": 1, ")": -1}.get(source[i], 0)
-            if depth == 0:
-                end = i
-                break
-        out.append(source[start + len(opening):end])
-        start = source.find(opening, end)
-    return out
+    if any(passes_kwargs(c) and mentions(c, "labels") for c in calls):
+        return False  # the labels and the keyword arguments go on to a loss elsewhere
+    losses = [c for c in calls if name(c) == "loss_function"]
+    if losses:
+        return not any(passes_kwargs(c) for c in losses)
+    return any(name(c) in ("CrossEntropyLoss", "MSELoss", "BCEWithLogitsLoss", "loss_fct") for c in calls)
 
 
 def _is_adalora(model: nn.Module) -> bool:
@@ -289,11 +294,12 @@ def _choice_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, choice_mas
                           smoothing: float) -> torch.Tensor:
     """Return the mean cross-entropy over the real choices only, label smoothing spread over those."""
     logp = logits.masked_fill(~choice_mask, float("-inf")).log_softmax(-1)
-    nll = -logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    if smoothing == 0.0:
-        return nll.mean()
-    uniform = -(logp.masked_fill(~choice_mask, 0.0).sum(-1) / choice_mask.sum(-1))
-    return ((1.0 - smoothing) * nll + smoothing * uniform).mean()
+    valid = labels != -100  # cross_entropy's ignore_index: such a question does not count
+    loss = -logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    if smoothing != 0.0:
+        uniform = -(logp.masked_fill(~choice_mask, 0.0).sum(-1) / choice_mask.sum(-1))
+        loss = (1.0 - smoothing) * loss + smoothing * uniform
+    return torch.where(valid, loss, 0.0).sum() / valid.sum()
 
 
 def _rules_thresholds(model: nn.Module, opt: Any) -> bool:
@@ -348,7 +354,9 @@ def _checkpointing_replays_masks(called: nn.Module, model: nn.Module) -> Iterato
                     )
                 else:
                     options.setdefault("use_reentrant", False)
-                    options.setdefault("context_fn", checkpoint_context_fn(model))
+                    replay = checkpoint_context_fn(model)
+                    own = options.get("context_fn")  # the user's (a selective-checkpointing policy): both apply
+                    options["context_fn"] = replay if own is None else _both_contexts(own, replay)
                 return _original(*args[1:], **{_key: options}, **kwargs)
 
             called.__dict__[name] = enable
@@ -358,6 +366,24 @@ def _checkpointing_replays_masks(called: nn.Module, model: nn.Module) -> Iterato
     finally:
         for name in patched:
             called.__dict__.pop(name, None)
+
+
+def _both_contexts(first: Any, second: Any) -> Any:
+    """Return a checkpoint ``context_fn`` that enters both functions' forward and recompute contexts."""
+
+    def context_fn() -> tuple[Any, Any]:
+        (fwd1, rec1), (fwd2, rec2) = first(), second()
+        return _stacked(fwd1, fwd2), _stacked(rec1, rec2)
+
+    return context_fn
+
+
+@contextlib.contextmanager
+def _stacked(*contexts: Any) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for context in contexts:
+            stack.enter_context(context)
+        yield
 
 
 def _load_parallel_adapters(model: nn.Module, checkpoint: str) -> bool:
