@@ -242,7 +242,11 @@ def optimizer(
     # latest state (the live previous optimizer's, else the pending one: loaded, or kept from a dead
     # optimizer), and when the newest optimizer is gone its state becomes the pending one, so that a save
     # after it still has the moments (a fit() that builds and drops its optimizer, then save_pretrained).
-    _restore_threshold_state(opt, taus, threshold_state(model))
+    try:
+        latest = threshold_state(model)
+    except ValueError:  # the previous optimizer's state is sharded (FSDP): start from the pending one
+        latest = ctrl.pending_optimizer_state
+    _restore_threshold_state(opt, taus, latest)
     ctrl.optimizer_ref = weakref.ref(opt)
     ctrl.optimizer_generation = generation = ctrl.optimizer_generation + 1
     weakref.finalize(opt, _keep_rule_state, ctrl, generation, opt.state, taus).atexit = False
