@@ -99,6 +99,7 @@ class TSController:
         self.token_mask, self.decoder_mask, self.encoder_states = masks
 
 
+@torch.compiler.disable  # reads x._base and data pointers, which a compiled graph's fake tensors do not have
 def _flattened_sequence(x: torch.Tensor, mask: torch.Tensor) -> bool:
     """Return True if the rows of x (2-D) are a (batch, ..., seq, d) tensor's tokens in order: a view of the
     whole of it, whose leading dims are the mask's (not a gather, not another tensor of as many rows)."""
